@@ -1,0 +1,54 @@
+# Two commands do everything: `make demo` and `make test`. Each installs what it needs first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+PROTOS := $(wildcard protos/rlhf/v1/*.proto)
+GEN_STAMP := shared/proto/rlhf/v1/.stamp
+VENV_STAMP := .venv/.installed
+export PYTHONUNBUFFERED := 1
+
+.PHONY: all venv proto demo test test-fast lint format bench lock clean
+
+all: test
+
+# The venv: torch from its CPU wheel first (a plain `torch` requirement would pull GBs of CUDA), then the lock.
+$(VENV_STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -r requirements.lock
+	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV_STAMP)
+
+# Generated code is built, not committed; imports are rewritten to live under shared.proto.
+$(GEN_STAMP): $(PROTOS) $(VENV_STAMP)
+	rm -rf shared/proto/rlhf && mkdir -p shared/proto
+	$(PY) -m grpc_tools.protoc -I protos --python_out=shared/proto --pyi_out=shared/proto \
+		--grpc_python_out=shared/proto $(PROTOS)
+	sed -i -E 's/^from rlhf\.v1 import/from shared.proto.rlhf.v1 import/' shared/proto/rlhf/v1/*.py shared/proto/rlhf/v1/*.pyi
+	touch shared/proto/rlhf/__init__.py shared/proto/rlhf/v1/__init__.py $@
+
+proto: $(GEN_STAMP)
+
+demo: $(GEN_STAMP)
+	$(PY) -m services.demo
+
+test: $(GEN_STAMP)
+	$(PY) -m pytest -q
+
+lint: $(VENV_STAMP)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: $(VENV_STAMP)
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+
+# Re-pin the lock file from the current venv (after changing what is installed).
+lock:
+	(echo "# Pinned by 'make lock'. torch is installed first from its CPU wheel (see Makefile)."; \
+	 echo "torch==2.13.0"; $(PIP) freeze --exclude-editable | grep -v '^torch==') > requirements.lock
+
+clean:
+	rm -rf shared/proto/rlhf build .pytest_cache

@@ -1,0 +1,1 @@
+"""One package per service: generation, reward, reference, trainer, orchestrator."""

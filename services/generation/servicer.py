@@ -1,0 +1,122 @@
+"""Generation gRPC servicer: protobuf <-> domain only; sampling and weight swaps are the backend's."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+
+from services.generation.backend import GenerationBackend
+from services.generation.config import GenerationConfig
+from shared import codec
+from shared.errors import InvalidInput
+from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc, weights_pb2
+from shared.server import BackendHolder, Server, build_grpc_server, grpc_options
+from shared.types import FinishReason, Sample, SamplingParams
+from shared.weights import WeightAssembler
+from shared.worker import ModelWorker
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+_FINISH_TO_PB = {
+    FinishReason.EOS: generation_pb2.FINISH_REASON_EOS,
+    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+}
+
+
+def sampling_from_pb(message: generation_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=message.max_new_tokens,
+        temperature=message.temperature,
+        top_p=message.top_p or 1.0,
+        top_k=message.top_k,
+        seed=message.seed if message.HasField("seed") else None,
+        samples_per_prompt=message.samples_per_prompt or 1,
+    )
+
+
+def samples_to_pb(samples: list[Sample], version: int) -> generation_pb2.GenerateResponse:
+    return generation_pb2.GenerateResponse(
+        prompt_ids=codec.ragged_to_pb([s.prompt_ids for s in samples], torch.int64),
+        response_ids=codec.ragged_to_pb([s.response_ids for s in samples], torch.int64),
+        response_logprobs=codec.ragged_to_pb([s.response_logprobs for s in samples], torch.float32),
+        texts=[s.text for s in samples],
+        finish_reasons=[_FINISH_TO_PB[s.finish_reason] for s in samples],
+        prompt_index=[s.prompt_index for s in samples],
+        policy_version=version,
+    )
+
+
+class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+        self.worker = ModelWorker("generation")
+        self._update_lock = asyncio.Lock()  # one weight update at a time
+
+    async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        backend: GenerationBackend = self.backend
+        params = sampling_from_pb(request.sampling)
+        has_ids = request.HasField("prompt_ids")
+        if bool(request.prompts) == has_ids:
+            raise InvalidInput("prompts", "give exactly one of prompts (text) or prompt_ids")
+        prompts = codec.ragged_from_pb(request.prompt_ids, "prompt_ids") if has_ids else backend.tokenize(
+            list(request.prompts)
+        )
+        backend.validate(prompts, params)
+        samples = await self.worker.run(backend.generate, prompts, params)
+        # One model-thread call = one weights version for the whole batch.
+        return samples_to_pb(samples, samples[0].policy_version)
+
+    async def UpdateWeights(self, request_iterator: AsyncIterator[weights_pb2.WeightChunk], context):
+        return await self._apply(request_iterator)
+
+    async def PullWeights(self, request: generation_pb2.PullWeightsRequest, context: grpc.aio.ServicerContext):
+        if not request.trainer_address:
+            raise InvalidInput("trainer_address", "is empty")
+        options = grpc_options(self.config.server.max_message_bytes)
+        async with grpc.aio.insecure_channel(request.trainer_address, options=options) as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            chunk_bytes = max(1024, self.config.server.max_message_bytes // 2)
+            stream = stub.StreamWeights(trainer_pb2.StreamWeightsRequest(chunk_bytes=chunk_bytes))
+            result = await self._apply(stream)
+        if result.version < request.min_version:
+            raise InvalidInput("min_version", f"trainer holds version {result.version} < {request.min_version}")
+        return result
+
+    async def _apply(self, chunks: AsyncIterator[weights_pb2.WeightChunk]) -> weights_pb2.WeightUpdateResult:
+        backend: GenerationBackend = self.backend
+        async with self._update_lock:
+            start = time.perf_counter()
+            assembler = WeightAssembler(backend.state_shapes(), backend.version)
+            async for chunk in chunks:
+                assembler.add(chunk)
+            state = assembler.finish()
+            await self.worker.run(backend.swap_weights, state, assembler.version)
+            return weights_pb2.WeightUpdateResult(
+                version=assembler.version, tensors=len(state), bytes=assembler.bytes,
+                seconds=time.perf_counter() - start,
+            )
+
+    async def Info(self, request, context):
+        backend: GenerationBackend = self.backend
+        return generation_pb2.ModelInfo(
+            model=self.config.model.path,
+            policy_version=backend.version,
+            vocab_size=backend.vocab_size,
+            eos_token_id=backend.eos_token_id,
+            pad_token_id=backend.pad_token_id,
+            dtype=str(next(backend.model.parameters()).dtype).removeprefix("torch."),
+            device=str(backend.device),
+        )
+
+
+async def build_server(config: GenerationConfig, backend: GenerationBackend | None) -> tuple[Server, int]:
+    """Binds the generation service (health NOT_SERVING); ``backend`` None means attach it later."""
+    servicer = GenerationServicer(config)
+    server = await build_grpc_server(
+        config.server, [(servicer, generation_pb2_grpc.add_GenerationServicer_to_server, SERVICE_NAME)], backend
+    )
+    return server, server.port

@@ -1,0 +1,1 @@
+"""Reference service: a frozen causal LM answering LogProbs."""

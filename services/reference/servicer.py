@@ -1,0 +1,43 @@
+"""Reference gRPC servicer: protobuf <-> domain only; the model work is the backend's."""
+
+from __future__ import annotations
+
+import grpc
+import torch
+
+from services.reference.backend import ReferenceBackend
+from services.reference.config import ReferenceConfig
+from shared import codec
+from shared.proto.rlhf.v1 import reference_pb2, reference_pb2_grpc
+from shared.server import BackendHolder, Server, build_grpc_server
+from shared.worker import BatchingQueue, ModelWorker
+
+SERVICE_NAME = reference_pb2.DESCRIPTOR.services_by_name["Reference"].full_name
+
+
+class ReferenceServicer(BackendHolder, reference_pb2_grpc.ReferenceServicer):
+    def __init__(self, config: ReferenceConfig):
+        # Concurrent requests are merged into one model call, micro-batched by the backend.
+        self.queue = BatchingQueue(
+            ModelWorker("reference"), lambda pairs: self.backend.logprobs(pairs), max_batch=config.max_batch
+        )
+
+    async def LogProbs(self, request: reference_pb2.LogProbsRequest, context: grpc.aio.ServicerContext):
+        prompt_ids = codec.ragged_from_pb(request.prompt_ids, "prompt_ids")
+        response_ids = codec.ragged_from_pb(request.response_ids, "response_ids")
+        self.backend.validate(prompt_ids, response_ids)
+        logprobs = await self.queue.submit(list(zip(prompt_ids, response_ids, strict=True)))
+        return reference_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(logprobs, torch.float32))
+
+
+
+
+async def build_server(config: ReferenceConfig, backend: ReferenceBackend | None) -> tuple[Server, int]:
+    """Binds the reference service (health NOT_SERVING); ``backend`` None means attach it later."""
+    servicer = ReferenceServicer(config)
+    server = await build_grpc_server(
+        config.server,
+        [(servicer, reference_pb2_grpc.add_ReferenceServicer_to_server, SERVICE_NAME)],
+        backend,
+    )
+    return server, server.port

@@ -1,0 +1,95 @@
+"""Typed configuration: one pydantic model per service, read from YAML once, with command-line overrides.
+
+Every leaf field of a config model becomes a flag named by its dotted path (``--port``, ``--kl.target``); a flag's
+value is parsed as YAML, so ``--top_k 5``, ``--enabled false`` and ``--stop '[1, 2]'`` all mean what they say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every config and domain model: unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, protected_namespaces=())
+
+
+class ConfigError(ValueError):
+    """A config file or flag that does not validate; the message names the field."""
+
+
+def _leaf_paths(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+    paths = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths.extend(_leaf_paths(annotation, f"{prefix}{name}."))
+        else:
+            paths.append((f"{prefix}{name}", field))
+    return paths
+
+
+def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """Adds ``--config FILE`` and one ``--dotted.path VALUE`` flag per leaf field of ``model``."""
+    parser.add_argument("--config", type=Path, default=None, help="YAML config file; flags override it")
+    group = parser.add_argument_group(f"{model.__name__} fields (override the file)")
+    for path, field in _leaf_paths(model):
+        annotation = field.annotation
+        choices = ""
+        if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+            choices = " one of: " + ", ".join(str(m.value) for m in annotation)
+        default = field.default if field.default is not None else "none"
+        if isinstance(default, enum.Enum):
+            default = default.value
+        help_text = f"{field.description or ''}{choices} (default: {default})".strip()
+        parser.add_argument(f"--{path}", dest=f"cfg::{path}", default=None, metavar="V", help=help_text)
+
+
+def _set_dotted(target: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{path}: '{key}' is not a section")
+    target[leaf] = value
+
+
+def load_config(model: type[C], path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """Reads ``path`` (YAML, may be None), applies dotted-path ``overrides`` and validates into ``model``."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid {model.__name__}{where}: {problems}") from None
+
+
+def config_from_args(model: type[C], args: argparse.Namespace) -> C:
+    """Builds the config from parsed ``--config`` and per-field flags (added by ``add_config_flags``)."""
+    overrides = {}
+    for key, raw in vars(args).items():
+        if key.startswith("cfg::") and raw is not None:
+            overrides[key.removeprefix("cfg::")] = yaml.safe_load(raw)
+    return load_config(model, getattr(args, "config", None), overrides)

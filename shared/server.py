@@ -1,0 +1,161 @@
+"""The bootstrap every service shares: grpc.aio server with the error interceptor, health, reflection, a metrics
+port, message-size limits, and a graceful SIGTERM (health NOT_SERVING, drain, stop with grace).
+
+Each service provides ``build_server(config, backend) -> (server, port)``; ``serve()`` here runs one to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from pydantic import Field
+
+from shared.config import StrictModel
+from shared.errors import ErrorInterceptor, NotReady
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+class ServerConfig(StrictModel):
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a container")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; unset = off")
+    max_message_bytes: int = Field(64 * MiB, ge=1024, description="largest gRPC message accepted or sent")
+    grace_seconds: float = Field(10.0, ge=0, description="on SIGTERM, time for in-flight RPCs to finish")
+
+
+class BackendHolder:
+    """Mixin for servicers: the backend is attached once loaded; until then every RPC is UNAVAILABLE."""
+
+    _backend = None
+
+    @property
+    def backend(self):
+        if self._backend is None:
+            raise NotReady("the model is still loading")
+        return self._backend
+
+    def attach(self, backend) -> None:
+        self._backend = backend
+
+
+@dataclass
+class Server:
+    """A built, not yet started, service: the grpc server, its bound port, health, and its servicers."""
+
+    grpc_server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+    servicers: tuple[BackendHolder, ...] = ()
+
+    def attach(self, backend) -> None:
+        for servicer in self.servicers:
+            servicer.attach(backend)
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in (*self.service_names, ""):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None) -> None:
+        await self.set_serving(False)
+        await self.grpc_server.stop(grace)
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+async def build_grpc_server(
+    config: ServerConfig,
+    servicers: Iterable[tuple[BackendHolder, Callable[[BackendHolder, grpc.aio.Server], None], str]],
+    backend=None,
+) -> Server:
+    """Creates the server with ``(servicer, add_XServicer_to_server, full service name)`` triples, health
+    (NOT_SERVING) and reflection, and binds it. ``backend`` may be None and attached later (see ``serve``)."""
+    servicers = list(servicers)
+    service_names = tuple(name for _, _, name in servicers)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=grpc_options(config.max_message_bytes))
+    for servicer, add_to_server, _ in servicers:
+        add_to_server(servicer, server)
+        if backend is not None:
+            servicer.attach(backend)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    built = Server(server, port, health_servicer, service_names, tuple(s for s, _, _ in servicers))
+    await built.set_serving(False)
+    return built
+
+
+def start_metrics_server(config: ServerConfig) -> int | None:
+    """Serves the process's Prometheus registry on ``metrics_port``; returns the bound port (None when off)."""
+    if config.metrics_port is None:
+        return None
+    httpd, _thread = start_http_server(config.metrics_port, addr=config.host)
+    port = httpd.server_address[1]
+    log.info("metrics on http://%s:%d/metrics", config.host, port)
+    return port
+
+
+async def serve(
+    server: Server,
+    load_backend: Callable[[], object],
+    warm_up: Callable[[object], None] | None,
+    grace_seconds: float,
+    on_ready: Callable[[Server], None] | None = None,
+) -> None:
+    """Runs a built server to the end: listen (health NOT_SERVING), load the backend on a thread, warm it up,
+    flip health to SERVING; on SIGTERM/SIGINT go NOT_SERVING, drain in-flight RPCs for ``grace_seconds``, stop.
+
+    Listening before the model is loaded lets probes and clients see the service come up.
+    """
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("listening on port %d; loading the model", server.port)
+    load = asyncio.create_task(asyncio.to_thread(load_backend))
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({load, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if load.done():
+        backend = load.result()
+        if warm_up is not None:
+            await asyncio.to_thread(warm_up, backend)
+        server.attach(backend)
+        await server.set_serving(True)
+        log.info("serving %s on port %d", ",".join(server.service_names), server.port)
+        if on_ready is not None:
+            on_ready(server)
+        await stop.wait()
+    log.info("shutting down: health NOT_SERVING, draining for up to %.1f s", grace_seconds)
+    await server.stop(grace_seconds)
+    for task in (load, stopper):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    log.info("stopped")

@@ -1,0 +1,114 @@
+"""Policy weights on the wire: a versioned stream of chunks, each under the gRPC message limit.
+
+The sender walks a state dict (Hugging Face names, the model's dtype) and slices each tensor's packed bytes; the
+receiver assembles them into complete tensors, checks names, shapes, dtypes and that nothing is missing, and only
+then hands a full state dict over for an atomic swap. No pickle: the bytes are those safetensors would store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from shared import codec
+from shared.errors import Conflict, InvalidInput
+from shared.proto.rlhf.v1 import weights_pb2
+
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def chunk_weights(
+    named_tensors: list[tuple[str, torch.Tensor]], version: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[weights_pb2.WeightChunk]:
+    """Yields the chunks of one update: every tensor in order, split into slices of at most ``chunk_bytes``."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    total = len(named_tensors)
+    for name, tensor in named_tensors:
+        data = codec.tensor_bytes(tensor)
+        dtype = codec.dtype_to_pb(tensor.dtype)
+        shape = list(tensor.shape)
+        for offset in range(0, max(len(data), 1), chunk_bytes):
+            yield weights_pb2.WeightChunk(
+                version=version, name=name, dtype=dtype, shape=shape, offset=offset,
+                data=data[offset : offset + chunk_bytes], total_tensors=total,
+            )
+
+
+@dataclass
+class _Pending:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    buffer: bytearray
+    received: int = 0
+
+
+class WeightAssembler:
+    """Collects the chunks of one update and checks them against the model's own state dict."""
+
+    def __init__(self, expected: dict[str, torch.Tensor], current_version: int):
+        self._expected = {name: (t.dtype, tuple(t.shape)) for name, t in expected.items()}
+        self._current_version = current_version
+        self._pending: dict[str, _Pending] = {}
+        self.version: int | None = None
+        self.total_tensors: int | None = None
+        self.bytes = 0
+
+    def add(self, chunk: weights_pb2.WeightChunk) -> None:
+        if self.version is None:
+            if chunk.version < self._current_version:
+                raise Conflict(
+                    f"weight update version {chunk.version} is older than the served version {self._current_version}"
+                )
+            self.version, self.total_tensors = chunk.version, chunk.total_tensors
+        elif chunk.version != self.version:
+            raise InvalidInput("version", f"changed within one update ({self.version} -> {chunk.version})")
+        if chunk.name not in self._expected:
+            raise InvalidInput("name", f"unknown parameter {chunk.name!r} for this model")
+        dtype = codec.dtype_from_pb(chunk.dtype, "dtype")
+        want_dtype, want_shape = self._expected[chunk.name]
+        shape = tuple(chunk.shape)
+        if shape != want_shape:
+            raise InvalidInput("shape", f"{chunk.name}: got {list(shape)}, the model has {list(want_shape)}")
+        pending = self._pending.get(chunk.name)
+        if pending is None:
+            size = torch.empty((), dtype=dtype).element_size()
+            for dim in shape:
+                size *= dim
+            pending = self._pending[chunk.name] = _Pending(dtype, shape, bytearray(size))
+        if dtype != pending.dtype:
+            raise InvalidInput("dtype", f"{chunk.name}: dtype changed between chunks")
+        end = chunk.offset + len(chunk.data)
+        if chunk.offset < 0 or end > len(pending.buffer):
+            raise InvalidInput("offset", f"{chunk.name}: bytes {chunk.offset}..{end} outside {len(pending.buffer)}")
+        pending.buffer[chunk.offset : end] = chunk.data
+        pending.received += len(chunk.data)
+        self.bytes += len(chunk.data)
+        del want_dtype  # a different dtype is allowed: the receiver casts to its own (e.g. fp32 -> bf16)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The complete state dict; raises if any tensor is missing or incomplete."""
+        if self.version is None:
+            raise InvalidInput("chunks", "the update carried no chunks")
+        missing = sorted(set(self._expected) - set(self._pending))
+        if missing or self.total_tensors != len(self._expected):
+            raise InvalidInput(
+                "chunks", f"incomplete update: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+                f"sender announced {self.total_tensors}, the model has {len(self._expected)}",
+            )
+        state = {}
+        for name, pending in self._pending.items():
+            if pending.received != len(pending.buffer):
+                raise InvalidInput("chunks", f"{name}: received {pending.received} of {len(pending.buffer)} bytes")
+            state[name] = codec.tensor_from_bytes(pending.buffer, pending.dtype, pending.shape, name)
+        return state
+
+
+def assemble(chunks: Iterable[weights_pb2.WeightChunk], expected: dict[str, torch.Tensor], current: int):
+    """Synchronous convenience for tests and in-process use: returns (version, state dict, bytes)."""
+    assembler = WeightAssembler(expected, current)
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.version, assembler.finish(), assembler.bytes
