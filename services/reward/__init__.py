@@ -1,0 +1,1 @@
+"""Reward service: scores (prompt, response) pairs with a reward model or a rule-based reward function."""

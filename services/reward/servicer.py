@@ -1,0 +1,40 @@
+"""Reward gRPC servicer: protobuf <-> domain only."""
+
+from __future__ import annotations
+
+import grpc
+import torch
+
+from services.reward.backend import RewardBackend, validate_pairs
+from services.reward.config import RewardConfig
+from shared import codec
+from shared.proto.rlhf.v1 import reward_pb2, reward_pb2_grpc
+from shared.server import BackendHolder, Server, build_grpc_server
+from shared.worker import BatchingQueue, ModelWorker
+
+SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["Reward"].full_name
+
+
+class RewardServicer(BackendHolder, reward_pb2_grpc.RewardServicer):
+    def __init__(self, config: RewardConfig):
+        self.config = config
+        # Concurrent requests (the loop, outside API clients) are merged into one model call.
+        self.queue = BatchingQueue(
+            ModelWorker("reward"), lambda pairs: self.backend.score(pairs), max_batch=config.max_batch
+        )
+
+    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
+        _ = self.backend  # UNAVAILABLE while the model is loading
+        prompts, responses = list(request.prompts), list(request.responses)
+        validate_pairs(prompts, responses, self.config.max_batch)
+        scores = await self.queue.submit(list(zip(prompts, responses, strict=True)))
+        return reward_pb2.ScoreResponse(scores=codec.tensor_to_pb(torch.tensor(scores, dtype=torch.float32)))
+
+
+async def build_server(config: RewardConfig, backend: RewardBackend | None) -> tuple[Server, int]:
+    """Binds the reward service (health NOT_SERVING); ``backend`` None means attach it later."""
+    servicer = RewardServicer(config)
+    server = await build_grpc_server(
+        config.server, [(servicer, reward_pb2_grpc.add_RewardServicer_to_server, SERVICE_NAME)], backend
+    )
+    return server, server.port

@@ -1,0 +1,83 @@
+"""Reward service through a real gRPC server: a reward model and a rule-based reward function."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from services.reward.backend import load_backend
+from services.reward.config import RewardConfig
+from services.reward.functions import positive_word_share
+from services.reward.servicer import SERVICE_NAME, build_server
+from shared import codec
+from shared.config import ConfigError, load_config
+from shared.proto.rlhf.v1 import reward_pb2, reward_pb2_grpc
+from tests.service.grpc_helpers import expect_status, health_status, running
+
+PAIRS = [("the cat is", " happy and warm."), ("the day was", " awful"), ("we", " are kind, kind, kind and glad.")]
+
+
+def _request(pairs):
+    return reward_pb2.ScoreRequest(prompts=[p for p, _ in pairs], responses=[r for _, r in pairs])
+
+
+async def _score(config, pairs):
+    server, _ = await build_server(config, load_backend(config))
+    async with running(server) as channel:
+        reply = await reward_pb2_grpc.RewardStub(channel).Score(_request(pairs), timeout=30)
+    return codec.tensor_from_pb(reply.scores, "scores")
+
+
+async def test_reward_model_scores_match_an_in_process_forward(tiny_reward_dir):
+    config = RewardConfig.model_validate({"model": {"path": str(tiny_reward_dir)}, "micro_batch_size": 2})
+    scores = await _score(config, PAIRS)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_reward_dir)
+    assert scores.dtype == torch.float32 and scores.shape == (3,)
+    for (prompt, response), score in zip(PAIRS, scores, strict=True):
+        with torch.no_grad():
+            expected = model(**tokenizer(prompt + response, return_tensors="pt")).logits[0, 0]
+        torch.testing.assert_close(score, expected, atol=1e-5, rtol=0)
+
+
+async def test_reward_function_named_in_config():
+    config = RewardConfig.model_validate({"function": "services.reward.functions:positive_word_share"})
+    scores = await _score(config, PAIRS)
+    torch.testing.assert_close(scores, torch.tensor([2 / 3, -1.0, 4 / 6]))
+    assert positive_word_share(["x"], [""]) == [0.0]
+
+
+async def test_concurrent_requests_are_merged_and_answered_separately():
+    config = RewardConfig.model_validate({"function": "services.reward.functions:response_length"})
+    server, _ = await build_server(config, load_backend(config))
+    async with running(server) as channel:
+        stub = reward_pb2_grpc.RewardStub(channel)
+        replies = await asyncio.gather(*[stub.Score(_request([("p", "x" * n)] * n), timeout=30) for n in range(1, 9)])
+    for n, reply in enumerate(replies, start=1):
+        assert codec.tensor_from_pb(reply.scores, "s").tolist() == [float(n)] * n
+
+
+async def test_bad_requests_and_config(tiny_reward_dir, tmp_path):
+    config = RewardConfig.model_validate({"function": "services.reward.functions:response_length", "max_batch": 4})
+    server, _ = await build_server(config, load_backend(config))
+    async with running(server) as channel:
+        stub = reward_pb2_grpc.RewardStub(channel)
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        await expect_status(stub.Score(_request([]), timeout=10), invalid, "prompts", "empty")
+        mismatched = reward_pb2.ScoreRequest(prompts=["a", "b"], responses=["c"])
+        await expect_status(stub.Score(mismatched, timeout=10), invalid, "responses", "1 items")
+        await expect_status(stub.Score(_request(PAIRS * 2), timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED, "6")
+        assert await health_status(channel, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config(RewardConfig, overrides={"function": "a:b", "model.path": str(tiny_reward_dir)})
+    with pytest.raises(ValueError, match="no callable"):
+        load_backend(RewardConfig.model_validate({"function": "services.reward.functions:nope"}))
+    bad_yaml = tmp_path / "reward.yaml"
+    bad_yaml.write_text("function: a:b\nmicro_batch_size: -1\n")
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        load_config(RewardConfig, bad_yaml)
