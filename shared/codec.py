@@ -51,7 +51,9 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return raw.numpy().tobytes()
 
 
-def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: list[int] | tuple[int, ...], field: str) -> torch.Tensor:
+def tensor_from_bytes(
+    data: bytes | bytearray, dtype: torch.dtype, shape: list[int] | tuple[int, ...], field: str
+) -> torch.Tensor:
     shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise InvalidInput(field, f"negative dimension in shape {list(shape)}")
@@ -60,9 +62,7 @@ def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: list[i
         count *= s
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(data) != count * itemsize:
-        raise InvalidInput(
-            field, f"has {len(data)} bytes but shape {list(shape)} of {dtype} needs {count * itemsize}"
-        )
+        raise InvalidInput(field, f"has {len(data)} bytes but shape {list(shape)} of {dtype} needs {count * itemsize}")
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     # A writable buffer the tensor owns (a copy unless the caller hands over a bytearray), so the message can go.

@@ -51,7 +51,7 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
         if isinstance(default, enum.Enum):
             default = default.value
         help_text = f"{field.description or ''}{choices} (default: {default})".strip()
-        parser.add_argument(f"--{path}", dest=f"cfg::{path}", default=None, metavar="V", help=help_text)
+        group.add_argument(f"--{path}", dest=f"cfg::{path}", default=None, metavar="V", help=help_text)
 
 
 def _set_dotted(target: dict, path: str, value: Any) -> None:

@@ -20,13 +20,13 @@ from shared.config import StrictModel
 log = logging.getLogger(__name__)
 
 
-class Device(str, enum.Enum):
+class Device(enum.StrEnum):
     AUTO = "auto"  # cuda when available, else cpu
     CPU = "cpu"
     CUDA = "cuda"
 
 
-class DType(str, enum.Enum):
+class DType(enum.StrEnum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
@@ -37,6 +37,12 @@ class ModelConfig(StrictModel):
     tokenizer: str = Field("", description="tokenizer path; empty means the model's path")
     device: Device = Field(Device.CPU, description="where the model runs")
     dtype: DType = Field(DType.FLOAT32, description="parameter dtype")
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op CPU threads for this process (0 = torch's default, one per core); "
+        "use 1 when several services share a few cores: idle OpenMP threads spin and slow everyone down",
+    )
 
 
 def resolve_device(device: Device | str) -> torch.device:
@@ -50,6 +56,11 @@ def resolve_device(device: Device | str) -> torch.device:
 
 def torch_dtype(dtype: DType | str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[DType(dtype).value]
+
+
+def apply_cpu_threads(config: ModelConfig) -> None:
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
 
 
 def load_tokenizer(config: ModelConfig, padding_side: str = "left") -> PreTrainedTokenizerBase:
@@ -66,9 +77,10 @@ def load_tokenizer(config: ModelConfig, padding_side: str = "left") -> PreTraine
 def load_causal_lm(config: ModelConfig) -> PreTrainedModel:
     if not config.path:
         raise ValueError("model.path is empty: name a model directory or hub id")
+    apply_cpu_threads(config)
     device = resolve_device(config.device)
     log.info("loading causal LM %s on %s as %s", config.path, device, config.dtype.value)
-    model = AutoModelForCausalLM.from_pretrained(config.path, torch_dtype=torch_dtype(config.dtype), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(config.path, dtype=torch_dtype(config.dtype), use_safetensors=True)
     return model.to(device)
 
 
@@ -76,10 +88,11 @@ def load_sequence_classifier(config: ModelConfig) -> PreTrainedModel:
     """A reward model: ``AutoModelForSequenceClassification`` with one label (a scalar score)."""
     if not config.path:
         raise ValueError("model.path is empty: name a model directory or hub id")
+    apply_cpu_threads(config)
     device = resolve_device(config.device)
     log.info("loading reward model %s on %s as %s", config.path, device, config.dtype.value)
     model = AutoModelForSequenceClassification.from_pretrained(
-        config.path, num_labels=1, torch_dtype=torch_dtype(config.dtype), use_safetensors=True
+        config.path, num_labels=1, dtype=torch_dtype(config.dtype), use_safetensors=True
     )
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id

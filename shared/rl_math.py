@@ -141,9 +141,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
-def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
-) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Normalise the masked entries: ``(x - mean) / sqrt(var + eps)`` with mean and unbiased variance taken
     over the masked entries only (so padding does not bias the statistics).
 
@@ -156,9 +154,7 @@ def masked_whiten(
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(
-        _as_bool(mask), whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device)
-    )
+    return torch.where(_as_bool(mask), whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -191,9 +187,7 @@ def kl_estimate(
     return torch.expm1(-d) + d
 
 
-def kl_penalized_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
-) -> torch.Tensor:
+def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards of InstructGPT / Ziegler et al. 2019: ``R(x, y) = r(x, y) - beta * KL``.
 
     ``r_t = -kl_coef * kl_t`` on every real token, plus ``scores[b]`` (the reward model's sequence score)
@@ -203,9 +197,7 @@ def kl_penalized_rewards(
     ``ValueError`` (its score would have nowhere to go).
     """
     if scores.dim() != 1 or kl.dim() != 2 or scores.shape[0] != kl.shape[0]:
-        raise ValueError(
-            f"expected scores (B,) and kl (B, T), got {tuple(scores.shape)} and {tuple(kl.shape)}"
-        )
+        raise ValueError(f"expected scores (B,) and kl (B, T), got {tuple(scores.shape)} and {tuple(kl.shape)}")
     m = _as_bool(mask)
     lengths = m.sum(dim=1)
     if bool((lengths == 0).any()):
@@ -277,9 +269,7 @@ def _policy_loss_terms(
     m = _as_bool(mask)
     # Zero the log-ratio on padding before exp: a huge padded log-ratio would overflow to inf and give nan
     # gradients even though the loss ignores those positions.
-    log_ratio = torch.where(
-        m, logprobs - old_logprobs, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    )
+    log_ratio = torch.where(m, logprobs - old_logprobs, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device))
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)

@@ -51,7 +51,10 @@ def gather_response(values: torch.Tensor, prompt_lengths: torch.Tensor, width: i
 
 
 def response_logprobs_padded(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
     response_mask: torch.Tensor,
 ) -> torch.Tensor:
     """log pi(response_t | prefix) for a padded batch: (B, R) float32, zero where ``response_mask`` is 0."""
@@ -77,8 +80,12 @@ def response_logprobs(
         prompts = prompt_ids[start : start + micro_batch_size]
         responses = response_ids[start : start + micro_batch_size]
         input_ids, attention_mask, prompt_lengths, response_mask = pad_prompt_response(prompts, responses, pad_token_id)
-        logprobs = response_logprobs_padded(
-            model, input_ids.to(device), attention_mask.to(device), prompt_lengths, response_mask
-        ).float().cpu()
+        logprobs = (
+            response_logprobs_padded(
+                model, input_ids.to(device), attention_mask.to(device), prompt_lengths, response_mask
+            )
+            .float()
+            .cpu()
+        )
         results.extend(logprobs[b, : int(r.numel())].clone() for b, r in enumerate(responses))
     return results

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -101,7 +101,8 @@ async def build_grpc_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
@@ -159,3 +160,14 @@ async def serve(
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
     log.info("stopped")
+
+
+@dataclass(frozen=True)
+class Role:
+    """What ``rlhf serve <role>`` needs to run a service: its config type and how to build, load and warm it."""
+
+    name: str
+    config_type: type[StrictModel]
+    build_server: Callable[[StrictModel, object], Awaitable[tuple[Server, int]]]
+    load_backend: Callable[[StrictModel], object]
+    warm_up: Callable[[object], None]

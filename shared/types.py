@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: the orchestrator uses these types without torch installed
+    import torch
 
 
 class FinishReason(enum.Enum):
@@ -60,7 +62,8 @@ class TrainStats:
 
     policy_loss: float = 0.0  # clipped surrogate, mean over epochs and minibatches
     value_loss: float = 0.0  # clipped value loss (0.5 * squared error), same averaging
-    kl_mean: float = 0.0  # per-sequence KL(pi_old || pi_ref) with the configured estimator, summed over tokens, mean over batch
+    # KL(pi_old || pi_ref) per sequence: the configured estimator summed over response tokens, mean over the batch
+    kl_mean: float = 0.0
     entropy: float = 0.0  # mean per-token entropy of pi (nats)
     clip_fraction: float = 0.0  # fraction of tokens where the policy ratio was clipped
     approx_kl: float = 0.0  # mean per-token 0.5 * (log pi - log pi_old)^2 during the update

@@ -32,8 +32,13 @@ def chunk_weights(
         shape = list(tensor.shape)
         for offset in range(0, max(len(data), 1), chunk_bytes):
             yield weights_pb2.WeightChunk(
-                version=version, name=name, dtype=dtype, shape=shape, offset=offset,
-                data=data[offset : offset + chunk_bytes], total_tensors=total,
+                version=version,
+                name=name,
+                dtype=dtype,
+                shape=shape,
+                offset=offset,
+                data=data[offset : offset + chunk_bytes],
+                total_tensors=total,
             )
 
 
@@ -95,7 +100,8 @@ class WeightAssembler:
         missing = sorted(set(self._expected) - set(self._pending))
         if missing or self.total_tensors != len(self._expected):
             raise InvalidInput(
-                "chunks", f"incomplete update: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+                "chunks",
+                f"incomplete update: {len(missing)} tensors missing (e.g. {missing[:3]}), "
                 f"sender announced {self.total_tensors}, the model has {len(self._expected)}",
             )
         state = {}

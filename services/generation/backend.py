@@ -62,7 +62,8 @@ class GenerationBackend:
         for i, prompt in enumerate(prompts):
             if prompt.numel() > self.config.max_prompt_tokens:
                 raise TooLarge(
-                    f"prompt_ids[{i}]", f"{prompt.numel()} tokens exceeds the limit of {self.config.max_prompt_tokens}"
+                    f"prompt_ids[{i}]",
+                    f"{prompt.numel()} tokens exceeds the limit of {self.config.max_prompt_tokens}",
                 )
 
     def tokenize(self, texts: list[str]) -> list[torch.Tensor]:

@@ -13,8 +13,14 @@ from services.generation.backend import GenerationBackend
 from services.generation.config import GenerationConfig
 from shared import codec
 from shared.errors import InvalidInput
-from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc, weights_pb2
-from shared.server import BackendHolder, Server, build_grpc_server, grpc_options
+from shared.proto.rlhf.v1 import (
+    generation_pb2,
+    generation_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+    weights_pb2,
+)
+from shared.server import BackendHolder, Role, Server, build_grpc_server, grpc_options
 from shared.types import FinishReason, Sample, SamplingParams
 from shared.weights import WeightAssembler
 from shared.worker import ModelWorker
@@ -62,8 +68,10 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
         has_ids = request.HasField("prompt_ids")
         if bool(request.prompts) == has_ids:
             raise InvalidInput("prompts", "give exactly one of prompts (text) or prompt_ids")
-        prompts = codec.ragged_from_pb(request.prompt_ids, "prompt_ids") if has_ids else backend.tokenize(
-            list(request.prompts)
+        prompts = (
+            codec.ragged_from_pb(request.prompt_ids, "prompt_ids")
+            if has_ids
+            else backend.tokenize(list(request.prompts))
         )
         backend.validate(prompts, params)
         samples = await self.worker.run(backend.generate, prompts, params)
@@ -96,7 +104,9 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
             state = assembler.finish()
             await self.worker.run(backend.swap_weights, state, assembler.version)
             return weights_pb2.WeightUpdateResult(
-                version=assembler.version, tensors=len(state), bytes=assembler.bytes,
+                version=assembler.version,
+                tensors=len(state),
+                bytes=assembler.bytes,
                 seconds=time.perf_counter() - start,
             )
 
@@ -117,6 +127,11 @@ async def build_server(config: GenerationConfig, backend: GenerationBackend | No
     """Binds the generation service (health NOT_SERVING); ``backend`` None means attach it later."""
     servicer = GenerationServicer(config)
     server = await build_grpc_server(
-        config.server, [(servicer, generation_pb2_grpc.add_GenerationServicer_to_server, SERVICE_NAME)], backend
+        config.server,
+        [(servicer, generation_pb2_grpc.add_GenerationServicer_to_server, SERVICE_NAME)],
+        backend,
     )
     return server, server.port
+
+
+ROLE = Role("generation", GenerationConfig, build_server, GenerationBackend, GenerationBackend.warm_up)

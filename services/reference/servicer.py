@@ -9,7 +9,7 @@ from services.reference.backend import ReferenceBackend
 from services.reference.config import ReferenceConfig
 from shared import codec
 from shared.proto.rlhf.v1 import reference_pb2, reference_pb2_grpc
-from shared.server import BackendHolder, Server, build_grpc_server
+from shared.server import BackendHolder, Role, Server, build_grpc_server
 from shared.worker import BatchingQueue, ModelWorker
 
 SERVICE_NAME = reference_pb2.DESCRIPTOR.services_by_name["Reference"].full_name
@@ -30,8 +30,6 @@ class ReferenceServicer(BackendHolder, reference_pb2_grpc.ReferenceServicer):
         return reference_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(logprobs, torch.float32))
 
 
-
-
 async def build_server(config: ReferenceConfig, backend: ReferenceBackend | None) -> tuple[Server, int]:
     """Binds the reference service (health NOT_SERVING); ``backend`` None means attach it later."""
     servicer = ReferenceServicer(config)
@@ -41,3 +39,6 @@ async def build_server(config: ReferenceConfig, backend: ReferenceBackend | None
         backend,
     )
     return server, server.port
+
+
+ROLE = Role("reference", ReferenceConfig, build_server, ReferenceBackend, ReferenceBackend.warm_up)

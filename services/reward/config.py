@@ -13,8 +13,9 @@ class RewardConfig(StrictModel):
     server: ServerConfig = Field(default_factory=ServerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     function: str = Field(
-        "", description="a rule-based reward 'module:function' used instead of a model; "
-        "called as function(prompts, responses) -> list of floats"
+        "",
+        description="a rule-based reward 'module:function' used instead of a model; "
+        "called as function(prompts, responses) -> list of floats",
     )
     micro_batch_size: int = Field(32, ge=1, description="pairs per forward pass")
     max_batch: int = Field(4096, ge=1, description="most pairs accepted in one request")

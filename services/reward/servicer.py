@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 import torch
 
-from services.reward.backend import RewardBackend, validate_pairs
+from services.reward.backend import RewardBackend, load_backend, validate_pairs, warm_up
 from services.reward.config import RewardConfig
 from shared import codec
 from shared.proto.rlhf.v1 import reward_pb2, reward_pb2_grpc
-from shared.server import BackendHolder, Server, build_grpc_server
+from shared.server import BackendHolder, Role, Server, build_grpc_server
 from shared.worker import BatchingQueue, ModelWorker
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["Reward"].full_name
@@ -38,3 +38,6 @@ async def build_server(config: RewardConfig, backend: RewardBackend | None) -> t
         config.server, [(servicer, reward_pb2_grpc.add_RewardServicer_to_server, SERVICE_NAME)], backend
     )
     return server, server.port
+
+
+ROLE = Role("reward", RewardConfig, build_server, load_backend, warm_up)

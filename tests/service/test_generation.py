@@ -25,7 +25,12 @@ TOO_LARGE = grpc.StatusCode.RESOURCE_EXHAUSTED
 @pytest.fixture
 def config(tiny_policy_dir):
     return GenerationConfig.model_validate(
-        {"model": {"path": str(tiny_policy_dir)}, "max_new_tokens_limit": 64, "max_samples": 32, "micro_batch_size": 4}
+        {
+            "model": {"path": str(tiny_policy_dir)},
+            "max_new_tokens_limit": 64,
+            "max_samples": 32,
+            "micro_batch_size": 4,
+        }
     )
 
 
@@ -40,7 +45,9 @@ def _sampling(**kwargs):
 
 
 def _ids_request(prompts, **kwargs):
-    return generation_pb2.GenerateRequest(prompt_ids=codec.ragged_to_pb(prompts, torch.int64), sampling=_sampling(**kwargs))
+    return generation_pb2.GenerateRequest(
+        prompt_ids=codec.ragged_to_pb(prompts, torch.int64), sampling=_sampling(**kwargs)
+    )
 
 
 def _forward_logprobs(model, prompt, response):
@@ -102,8 +109,9 @@ async def test_seed_makes_sampling_reproducible_and_greedy_is_deterministic(conf
         first = _decode(await stub.Generate(_ids_request(prompts, seed=3), timeout=60))[1]
         second = _decode(await stub.Generate(_ids_request(prompts, seed=3), timeout=60))[1]
         other = _decode(await stub.Generate(_ids_request(prompts, seed=4), timeout=60))[1]
-        greedy = [_decode(await stub.Generate(_ids_request(prompts, temperature=0.0, seed=s), timeout=60))[1]
-                  for s in (1, 2)]
+        greedy = [
+            _decode(await stub.Generate(_ids_request(prompts, temperature=0.0, seed=s), timeout=60))[1] for s in (1, 2)
+        ]
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, other, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(*greedy, strict=True))
@@ -120,12 +128,20 @@ async def test_bad_requests_are_rejected_and_the_service_stays_healthy(config, b
             (_ids_request(ok, max_new_tokens=-3), INVALID, ("max_new_tokens",)),
             (_ids_request(ok, max_new_tokens=0), INVALID, ("max_new_tokens",)),
             (_ids_request(ok, max_new_tokens=100000), TOO_LARGE, ("max_new_tokens", "limit")),
-            (_ids_request([torch.tensor([backend.vocab_size + 3])]), INVALID, ("prompt_ids[0]", "vocabulary")),
+            (
+                _ids_request([torch.tensor([backend.vocab_size + 3])]),
+                INVALID,
+                ("prompt_ids[0]", "vocabulary"),
+            ),
             (_ids_request(ok, top_p=1.5), INVALID, ("top_p",)),
             (_ids_request(ok, temperature=-1.0), INVALID, ("temperature",)),
             (_ids_request(ok, top_k=-1), INVALID, ("top_k",)),
             (_ids_request(ok * 20, samples_per_prompt=2), TOO_LARGE, ("samples_per_prompt",)),
-            (generation_pb2.GenerateRequest(prompts=["a", ""], sampling=_sampling()), INVALID, ("prompts[1]",)),
+            (
+                generation_pb2.GenerateRequest(prompts=["a", ""], sampling=_sampling()),
+                INVALID,
+                ("prompts[1]",),
+            ),
         ]
         for request, code, fragments in cases:
             await expect_status(stub.Generate(request, timeout=30), code, *fragments)
@@ -166,8 +182,12 @@ async def test_weight_update_swaps_in_the_new_policy(config, backend, tiny_polic
     for prompt, response, lp in zip(prompts, responses, logprobs, strict=True):
         torch.testing.assert_close(lp, _forward_logprobs(new_model, prompt, response), atol=1e-4, rtol=0)
         with torch.no_grad():
-            expected = new_model.generate(prompt.unsqueeze(0), max_new_tokens=response.numel(), do_sample=False,
-                                          pad_token_id=backend.pad_token_id)[0, prompt.numel():]
+            expected = new_model.generate(
+                prompt.unsqueeze(0),
+                max_new_tokens=response.numel(),
+                do_sample=False,
+                pad_token_id=backend.pad_token_id,
+            )[0, prompt.numel() :]
         assert torch.equal(response, expected[: response.numel()])
     assert all(torch.equal(a, b) for a, b in zip(_decode(after)[1], _decode(again)[1], strict=True))
 

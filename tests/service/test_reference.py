@@ -20,7 +20,12 @@ from tests.service.grpc_helpers import expect_status, health_status, running
 @pytest.fixture(scope="module")
 def config(tiny_policy_dir):
     return ReferenceConfig.model_validate(
-        {"model": {"path": str(tiny_policy_dir)}, "micro_batch_size": 3, "max_batch": 64, "max_tokens_per_sample": 200}
+        {
+            "model": {"path": str(tiny_policy_dir)},
+            "micro_batch_size": 3,
+            "max_batch": 64,
+            "max_tokens_per_sample": 200,
+        }
     )
 
 
@@ -31,7 +36,8 @@ def backend(config):
 
 def _request(prompts, responses):
     return reference_pb2.LogProbsRequest(
-        prompt_ids=codec.ragged_to_pb(prompts, torch.int64), response_ids=codec.ragged_to_pb(responses, torch.int64)
+        prompt_ids=codec.ragged_to_pb(prompts, torch.int64),
+        response_ids=codec.ragged_to_pb(responses, torch.int64),
     )
 
 
@@ -99,10 +105,16 @@ async def test_bad_inputs_are_rejected_and_the_service_stays_healthy(config, bac
         await expect_status(stub.LogProbs(_request([], []), timeout=10), invalid, "prompt_ids", "empty")
         await expect_status(stub.LogProbs(_request(ok + ok, ok), timeout=10), invalid, "response_ids", "rows")
         await expect_status(
-            stub.LogProbs(_request(ok, [torch.tensor([vocab])]), timeout=10), invalid, "response_ids[0]", "vocabulary"
+            stub.LogProbs(_request(ok, [torch.tensor([vocab])]), timeout=10),
+            invalid,
+            "response_ids[0]",
+            "vocabulary",
         )
         await expect_status(
-            stub.LogProbs(_request([torch.tensor([-1])], ok), timeout=10), invalid, "prompt_ids[0]", "vocabulary"
+            stub.LogProbs(_request([torch.tensor([-1])], ok), timeout=10),
+            invalid,
+            "prompt_ids[0]",
+            "vocabulary",
         )
         await expect_status(
             stub.LogProbs(_request(ok, [torch.tensor([], dtype=torch.int64)]), timeout=10), invalid, "empty"

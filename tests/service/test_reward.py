@@ -19,7 +19,11 @@ from shared.config import ConfigError, load_config
 from shared.proto.rlhf.v1 import reward_pb2, reward_pb2_grpc
 from tests.service.grpc_helpers import expect_status, health_status, running
 
-PAIRS = [("the cat is", " happy and warm."), ("the day was", " awful"), ("we", " are kind, kind, kind and glad.")]
+PAIRS = [
+    ("the cat is", " happy and warm."),
+    ("the day was", " awful"),
+    ("we", " are kind, kind, kind and glad."),
+]
 
 
 def _request(pairs):

@@ -455,9 +455,7 @@ def test_micro_batch_invariance():
     acc_vl = torch.zeros((), dtype=F64)
     for sl in (slice(0, 2), slice(2, 3), slice(3, 6)):
         acc_pl = acc_pl + policy_loss_sum(logprobs[sl], old[sl], adv[sl], mask[sl], eps) / total_tokens
-        acc_vl = (
-            acc_vl + value_loss_sum(values[sl], old_values[sl], returns[sl], mask[sl], eps) / total_tokens
-        )
+        acc_vl = acc_vl + value_loss_sum(values[sl], old_values[sl], returns[sl], mask[sl], eps) / total_tokens
     assert_close(acc_pl, full_pl)
     assert_close(acc_vl, full_vl)
     micro_pl_grad, micro_vl_grad = torch.autograd.grad(acc_pl + acc_vl, [logprobs, values])

@@ -1,0 +1,106 @@
+"""The ``rlhf`` command: ``rlhf serve generation|reward|reference|trainer`` and ``rlhf orchestrator``.
+
+Each takes ``--config FILE`` (YAML) and one flag per config field (``--server.port 50051``) overriding it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from shared.config import ConfigError, add_config_flags, config_from_args
+from shared.logs import setup_logging
+
+# Imported lazily: the orchestrator never needs torch, and each role loads only its own code.
+ROLE_MODULES = {
+    "generation": "services.generation.servicer",
+    "reward": "services.reward.servicer",
+    "reference": "services.reference.servicer",
+    "trainer": "services.trainer.servicer",
+}
+
+log = logging.getLogger("rlhf")
+
+
+def _write_ready_file(path: Path | None, payload: dict) -> None:
+    """Tells a supervisor (the demo, a test) where the process listens, once it is ready."""
+    if path is None:
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def _role(name: str):
+    return importlib.import_module(ROLE_MODULES[name]).ROLE
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve one role over gRPC")
+    roles = serve.add_subparsers(dest="role", required=True)
+    # Only the chosen role's config is imported (argparse needs its fields for --help and overrides).
+    chosen = argv[1] if len(argv) > 1 and argv[0] == "serve" else None
+    for name in ROLE_MODULES:
+        sub = roles.add_parser(name, help=f"the {name} service")
+        sub.add_argument("--ready-file", type=Path, default=None, help="write {port, metrics_port} here when ready")
+        sub.add_argument("--log-level", default="INFO")
+        if name == chosen:
+            add_config_flags(sub, _role(name).config_type)
+    orchestrator = commands.add_parser("orchestrator", help="the control API that runs the RLHF loop")
+    orchestrator.add_argument("--ready-file", type=Path, default=None)
+    orchestrator.add_argument("--log-level", default="INFO")
+    orchestrator.add_argument("--start", action="store_true", help="start a run with the config at once")
+    if argv[:1] == ["orchestrator"]:
+        from services.orchestrator.config import OrchestratorConfig
+
+        add_config_flags(orchestrator, OrchestratorConfig)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from shared.server import serve, start_metrics_server
+
+    role = _role(args.role)
+    config = config_from_args(role.config_type, args)
+    setup_logging(role.name, args.log_level)
+
+    async def main() -> None:
+        server, port = await role.build_server(config, None)
+        metrics_port = start_metrics_server(config.server)
+        await serve(
+            server,
+            lambda: role.load_backend(config),
+            role.warm_up,
+            config.server.grace_seconds,
+            on_ready=lambda _s: _write_ready_file(args.ready_file, {"port": port, "metrics_port": metrics_port}),
+        )
+
+    asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        if args.command == "serve":
+            _serve(args)
+        else:
+            from services.orchestrator.app import run_orchestrator
+
+            run_orchestrator(args)
+    except ConfigError as exc:
+        print(f"rlhf: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

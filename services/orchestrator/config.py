@@ -1,0 +1,65 @@
+"""Typed config of the orchestrator and of one run."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from shared.config import StrictModel
+
+
+class PeersConfig(StrictModel):
+    generation: list[str] = Field(default_factory=list, description="host:port of each generation replica")
+    reward: str = Field("", description="host:port of the reward service")
+    reference: str = Field("", description="host:port of the reference service")
+    trainer: str = Field("", description="host:port of the trainer service")
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="gRPC message limit on the channels")
+
+    @field_validator("generation", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class RpcConfig(StrictModel):
+    generate_timeout_s: float = Field(300.0, gt=0, description="deadline of a Generate call, seconds")
+    score_timeout_s: float = Field(120.0, gt=0, description="deadline of a Score call")
+    logprobs_timeout_s: float = Field(120.0, gt=0, description="deadline of a LogProbs call")
+    train_timeout_s: float = Field(600.0, gt=0, description="deadline of a TrainStep call")
+    weights_timeout_s: float = Field(300.0, gt=0, description="deadline of a weight sync")
+    max_attempts: int = Field(5, ge=1, description="attempts per call when the peer is UNAVAILABLE")
+    initial_backoff_s: float = Field(0.5, gt=0, description="first retry delay; doubles each retry")
+    max_backoff_s: float = Field(10.0, gt=0, description="longest retry delay")
+    wait_ready_s: float = Field(300.0, ge=0, description="how long to wait for every peer's health to be SERVING")
+
+
+class SamplingConfig(StrictModel):
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    samples_per_prompt: int = Field(1, ge=1)
+
+
+class RunConfig(StrictModel):
+    """One RLHF run: what the control API's POST /runs takes."""
+
+    dataset: str = Field("", description='JSONL file of {"prompt": ...} rows')
+    iterations: int = Field(10, ge=1, description="PPO iterations (one TrainStep each)")
+    prompts_per_iteration: int = Field(16, ge=1, description="prompts drawn from the dataset per iteration")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    seed: int = Field(0, description="dataset shuffling and sampling seeds derive from it")
+    runs_dir: str = Field("runs", description="run outputs go to runs_dir/<run-id>/")
+    run_id: str = Field("", description="empty = generated from the time")
+    checkpoint_at_end: bool = Field(False, description="ask the trainer to save a checkpoint after the last iteration")
+
+
+class ApiConfig(StrictModel):
+    host: str = Field("127.0.0.1", description="control API address")
+    port: int = Field(8080, ge=0, le=65535, description="control API port (0 = a free one)")
+
+
+class OrchestratorConfig(StrictModel):
+    peers: PeersConfig = Field(default_factory=PeersConfig)
+    rpc: RpcConfig = Field(default_factory=RpcConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    run: RunConfig = Field(default_factory=RunConfig)

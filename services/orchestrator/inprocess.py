@@ -1,0 +1,101 @@
+"""In-process clients: the same backends the services wrap, called directly (no gRPC, no serialization).
+
+Each backend keeps its own model thread, as in its service, so the loop's concurrency is the same.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from services.generation.backend import GenerationBackend
+from services.orchestrator.clients import Clients, Rollouts, WeightSync
+from services.reference.backend import ReferenceBackend
+from services.reward.backend import RewardBackend
+from services.trainer.backend import TrainerBackend
+from shared.types import RolloutBatch, Sample, SamplingParams, TrainStats
+from shared.weights import assemble, chunk_weights
+from shared.worker import ModelWorker
+
+
+class InProcessGeneration:
+    def __init__(self, backend: GenerationBackend, trainer: TrainerBackend):
+        self.backend = backend
+        self.trainer = trainer
+        self.worker = ModelWorker("generation")
+
+    async def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
+        ids = self.backend.tokenize(prompts)
+        self.backend.validate(ids, params)
+        samples: list[Sample] = await self.worker.run(self.backend.generate, ids, params)
+        return Rollouts(
+            prompts=[prompts[s.prompt_index] for s in samples],
+            texts=[s.text for s in samples],
+            response_lengths=[int(s.response_ids.numel()) for s in samples],
+            finish_reasons=[s.finish_reason.value for s in samples],
+            policy_version=samples[0].policy_version,
+            tokens=samples,
+        )
+
+    async def sync_weights(self, version: int) -> WeightSync:
+        # The same chunking and checks as over the wire, minus the transport.
+        start = time.perf_counter()
+        chunks = list(chunk_weights(list(self.trainer.policy_state()), self.trainer.version))
+        new_version, state, size = assemble(chunks, self.backend.state_shapes(), self.backend.version)
+        await self.worker.run(self.backend.swap_weights, state, new_version)
+        return WeightSync(version=new_version, bytes=size, seconds=time.perf_counter() - start)
+
+
+class InProcessReward:
+    def __init__(self, backend: RewardBackend):
+        self.backend = backend
+        self.worker = ModelWorker("reward")
+
+    async def score(self, rollouts: Rollouts) -> list[float]:
+        return await self.worker.run(self.backend.score, list(zip(rollouts.prompts, rollouts.texts, strict=True)))
+
+
+class InProcessReference:
+    def __init__(self, backend: ReferenceBackend):
+        self.backend = backend
+        self.worker = ModelWorker("reference")
+
+    async def logprobs(self, rollouts: Rollouts) -> list[torch.Tensor]:
+        samples: list[Sample] = rollouts.tokens
+        return await self.worker.run(self.backend.logprobs, [(s.prompt_ids, s.response_ids) for s in samples])
+
+
+class InProcessTrainer:
+    def __init__(self, backend: TrainerBackend):
+        self.backend = backend
+        self.worker = ModelWorker("trainer")
+
+    async def train_step(self, rollouts: Rollouts, scores: list[float], reference_logprobs) -> TrainStats:
+        samples: list[Sample] = rollouts.tokens
+        batch = RolloutBatch(
+            prompt_ids=[s.prompt_ids for s in samples],
+            response_ids=[s.response_ids for s in samples],
+            scores=torch.tensor(scores, dtype=torch.float32),
+            reference_logprobs=list(reference_logprobs),
+            generation_logprobs=[s.response_logprobs for s in samples],
+            policy_version=rollouts.policy_version,
+        )
+        return await self.worker.run(self.backend.train_step, batch)
+
+    async def save_checkpoint(self, directory: str) -> int:
+        from pathlib import Path
+
+        await self.worker.run(self.backend.save_checkpoint, Path(directory))
+        return self.backend.version
+
+
+def inprocess_clients(
+    generation: GenerationBackend, reward: RewardBackend, reference: ReferenceBackend, trainer: TrainerBackend
+) -> Clients:
+    return Clients(
+        InProcessGeneration(generation, trainer),
+        InProcessReward(reward),
+        InProcessReference(reference),
+        InProcessTrainer(trainer),
+    )

@@ -1,0 +1,26 @@
+"""The orchestrator's Prometheus metrics (served on the control API's /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ITERATION = Gauge("rlhf_iteration", "Iterations completed in the current run.", ["run_id"])
+REWARD_MEAN = Gauge("rlhf_reward_mean", "Mean score of the last iteration's samples.", ["run_id"])
+KL = Gauge(
+    "rlhf_kl",
+    "KL(pi_old || pi_ref) per sequence (sum over response tokens, batch mean), nats, last iteration.",
+    ["run_id"],
+)
+KL_COEF = Gauge("rlhf_kl_coef", "KL coefficient beta used in the last iteration.", ["run_id"])
+POLICY_VERSION = Gauge("rlhf_policy_version", "Policy version after the last iteration.", ["run_id"])
+RESPONSE_LENGTH = Gauge(
+    "rlhf_response_length_tokens", "Mean response length of the last iteration, tokens.", ["run_id"]
+)
+PHASE_SECONDS = Histogram(
+    "rlhf_phase_seconds",
+    "Wall time of each phase of an iteration, seconds.",
+    ["run_id", "phase"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+RPC_RETRIES = Counter("rlhf_rpc_retries_total", "RPC attempts retried after UNAVAILABLE.", ["peer", "method"])
+RPC_FAILURES = Counter("rlhf_rpc_failures_total", "RPCs that failed for good.", ["peer", "method", "code"])

@@ -1,0 +1,1 @@
+"""PPO trainer role: policy + critic + optimizer state behind a transport-free backend."""

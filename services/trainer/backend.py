@@ -1,0 +1,656 @@
+"""PPO trainer backend: the policy, the critic and their optimizers; one ``train_step`` per rollout batch.
+
+The update follows InstructGPT / Ziegler et al. 2019: per-token KL penalty in the reward, GAE, the clipped surrogate
+and the clipped value loss, an adaptive (or fixed) KL coefficient. The formulas live in ``shared.rl_math``; this
+module owns the models, the padding, the minibatch loop and checkpoints (safetensors + JSON, never pickle).
+Transport-free: the gRPC servicer translates to and from ``RolloutBatch`` / ``TrainStats``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from pydantic import Field, model_validator
+from safetensors.torch import load_file, load_model, save_file, save_model
+from transformers import AutoModel, PreTrainedModel
+
+from shared import rl_math
+from shared.config import StrictModel
+from shared.modeling import (
+    ModelConfig,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    resolve_device,
+    torch_dtype,
+)
+from shared.rl_math import KLEstimator
+from shared.types import RolloutBatch, TrainStats
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class KLMode(enum.StrEnum):
+    ADAPTIVE = "adaptive"  # Ziegler et al. 2019: beta moves toward the target per-sequence KL
+    FIXED = "fixed"  # constant beta (InstructGPT)
+
+
+class CriticInit(enum.StrEnum):
+    REWARD_MODEL = "reward_model"  # backbone and scoring head of a reward model: values start at the RM score
+    POLICY = "policy"  # backbone of the policy (or another causal LM) with a zero head: values start at 0
+
+
+class ScoreNormalization(enum.StrEnum):
+    NONE = "none"
+    RUNNING = "running"  # (score - running mean) / running std over every score seen so far
+
+
+class KLConfig(StrictModel):
+    mode: KLMode = Field(KLMode.ADAPTIVE, description="adaptive (Ziegler et al. 2019) or fixed KL coefficient")
+    init_coef: float = Field(0.05, ge=0, description="initial (or, when fixed, constant) KL coefficient beta")
+    target: float = Field(
+        6.0, gt=0, description="adaptive: target per-sequence KL(pi || pi_ref) in nats, summed over the response"
+    )
+    horizon: int = Field(10000, gt=0, description="adaptive: samples over which beta may change by 20%")
+    estimator: KLEstimator = Field(KLEstimator.K1, description="per-token KL estimator used in the reward")
+
+
+class PPOConfig(StrictModel):
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy")
+    critic_learning_rate: float | None = Field(
+        None, gt=0, description="AdamW learning rate of the critic; none means learning_rate"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (policy and critic)")
+    ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
+    minibatch_size: int = Field(8, gt=0, description="sequences per optimizer step")
+    micro_batch_size: int = Field(
+        8, gt=0, description="sequences per forward/backward; gradients are accumulated over a minibatch"
+    )
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon")
+    clip_range_value: float = Field(0.2, gt=0, description="value clip: new values stay within old +- this")
+    value_coef: float = Field(0.1, ge=0, description="weight of the value loss in the total loss")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus: loss -= entropy_coef * entropy")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount factor")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    whiten_advantages: bool = Field(True, description="normalise advantages over the batch's response tokens")
+    score_normalization: ScoreNormalization = Field(
+        ScoreNormalization.NONE, description="normalisation of the reward-model scores before the KL penalty"
+    )
+    score_clip: float | None = Field(
+        None, gt=0, description="clip scores to [-c, c] after normalisation; none disables"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm, per model")
+    kl: KLConfig = Field(default_factory=KLConfig, description="KL penalty")
+    seed: int = Field(0, description="seed of the initialisation and of the minibatch shuffling")
+
+    @model_validator(mode="after")
+    def _micro_batch_fits(self) -> PPOConfig:
+        if self.micro_batch_size > self.minibatch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) must be <= minibatch_size ({self.minibatch_size})"
+            )
+        return self
+
+
+class CriticConfig(StrictModel):
+    init: CriticInit = Field(CriticInit.POLICY, description="what the critic starts from")
+    path: str = Field(
+        "", description="model directory to initialise from; empty means the policy's path (reward_model needs it)"
+    )
+
+    @model_validator(mode="after")
+    def _reward_model_needs_path(self) -> CriticConfig:
+        if self.init is CriticInit.REWARD_MODEL and not self.path:
+            raise ValueError("path: init=reward_model needs the reward model's directory")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Critic
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Critic(torch.nn.Module):
+    """V(s): a scalar value head on a transformer backbone (``AutoModel``, any architecture).
+
+    The head is kept in float32 whatever the backbone dtype: values are regression targets of a few units and
+    bf16's 3 significant digits would make the value loss noisy.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, head: torch.nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @classmethod
+    def from_policy(cls, config: ModelConfig) -> Critic:
+        """The base transformer of a causal LM and a zero head, so that values start at 0."""
+        backbone = AutoModel.from_pretrained(config.path, dtype=torch_dtype(config.dtype), use_safetensors=True)
+        head = torch.nn.Linear(backbone.config.hidden_size, 1, dtype=torch.float32)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        return cls(backbone, head).to(resolve_device(config.device))
+
+    @classmethod
+    def from_reward_model(cls, config: ModelConfig) -> Critic:
+        """The backbone and scoring head of a ``num_labels=1`` sequence classifier: the critic starts as the RM.
+
+        The RM scores a sequence from the hidden state of its last token, so the critic's value at that token
+        equals the score (exactly so for last-token-pooling models such as Llama; BERT-like models pool elsewhere).
+        """
+        classifier = load_sequence_classifier(config)
+        scoring = next(
+            (
+                module
+                for name in ("score", "classifier")  # Llama/Mistral/GPT-NeoX name it score, BERT-like classifier
+                if isinstance(module := getattr(classifier, name, None), torch.nn.Linear)
+            ),
+            None,
+        )
+        if scoring is None or scoring.out_features != 1:
+            raise ValueError(f"critic.path {config.path}: no single-output linear scoring head (score/classifier)")
+        head = torch.nn.Linear(scoring.in_features, 1, dtype=torch.float32)
+        with torch.no_grad():
+            head.weight.copy_(scoring.weight)
+            head.bias.copy_(scoring.bias if scoring.bias is not None else torch.zeros(1))
+        return cls(classifier.base_model, head).to(resolve_device(config.device))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids and mask -> (B, L) float32 values, one per position (the state after that token)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.head(hidden.float()).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Padding and response alignment
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PaddedBatch:
+    """Prompt+response sequences, right-padded, and the right-padded responses.
+
+    Right padding keeps the real tokens at their natural positions (0..P+R-1), so position ids need no fix-up
+    and the causal mask already hides the padding from every real token.
+    """
+
+    input_ids: torch.Tensor  # (B, L) int64, prompt_b then response_b then padding
+    attention_mask: torch.Tensor  # (B, L) int64, 1 on real tokens
+    response_ids: torch.Tensor  # (B, T) int64, right-padded
+    response_mask: torch.Tensor  # (B, T) bool, True on real response tokens
+    prompt_lengths: torch.Tensor  # (B,) int64, P_b
+
+    def select(self, rows: torch.Tensor) -> _PaddedBatch:
+        """The samples ``rows``, trimmed to their own longest sequence and response (no wasted compute)."""
+        length = int(self.attention_mask[rows].sum(dim=1).max())
+        width = int(self.response_mask[rows].sum(dim=1).max())
+        return _PaddedBatch(
+            input_ids=self.input_ids[rows, :length],
+            attention_mask=self.attention_mask[rows, :length],
+            response_ids=self.response_ids[rows, :width],
+            response_mask=self.response_mask[rows, :width],
+            prompt_lengths=self.prompt_lengths[rows],
+        )
+
+
+def _pad_right(values: list[torch.Tensor], width: int) -> torch.Tensor:
+    """B ragged 1-D tensors -> (B, width), right-padded with zeros."""
+    out = torch.zeros((len(values), width), dtype=values[0].dtype)
+    for row, value in enumerate(values):
+        out[row, : value.numel()] = value
+    return out
+
+
+def _pad_batch(batch: RolloutBatch, device: torch.device) -> _PaddedBatch:
+    sequences = [torch.cat([p.long(), r.long()]) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
+    length = max(s.numel() for s in sequences)
+    width = max(r.numel() for r in batch.response_ids)
+    # Padding ids are never attended to nor scored, so any valid id (0) does.
+    input_ids = _pad_right(sequences, length)
+    attention_mask = _pad_right([torch.ones_like(s) for s in sequences], length)
+    response_ids = _pad_right([r.long() for r in batch.response_ids], width)
+    response_lengths = torch.tensor([r.numel() for r in batch.response_ids])
+    return _PaddedBatch(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        response_ids=response_ids.to(device),
+        response_mask=(torch.arange(width)[None, :] < response_lengths[:, None]).to(device),
+        prompt_lengths=torch.tensor([p.numel() for p in batch.prompt_ids], device=device),
+    )
+
+
+def _response_aligned(per_position: torch.Tensor, prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, L, ...) per-position outputs -> (B, width, ...) aligned with the response tokens.
+
+    Response token t of sample b sits at position P_b + t; the logits that predict it, and the hidden state of
+    the state before it (the critic's V(s_t)), sit one earlier, at P_b + t - 1. Indices past the end (padding
+    of shorter responses) are clamped; callers mask those entries out.
+    """
+    batch, length = per_position.shape[:2]
+    index = (prompt_lengths[:, None] - 1 + torch.arange(width, device=per_position.device)).clamp(max=length - 1)
+    rows = torch.arange(batch, device=per_position.device)[:, None]
+    return per_position[rows, index]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Score normalisation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RunningMoments:
+    """Mean and variance of every score seen so far: Welford's algorithm in the batched form of Chan et al."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0  # sum of squared deviations from the mean
+
+    def update(self, values: torch.Tensor) -> None:
+        x = values.detach().double().cpu()
+        n = x.numel()
+        batch_mean = float(x.mean())
+        batch_m2 = float(((x - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer state <-> safetensors + JSON
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _split_optimizer_state(state_dict: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """Moves the tensors of an optimizer ``state_dict`` into ``tensors`` under ``{prefix}.{param_index}.{name}``
+    and returns the rest (param groups, non-tensor state), which is JSON-serialisable."""
+    plain: dict[str, dict] = {}
+    for index, entries in state_dict["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(index), {})[name] = value
+    return {"param_groups": state_dict["param_groups"], "state": plain}
+
+
+def _join_optimizer_state(meta: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """The inverse of ``_split_optimizer_state``: a state dict for ``Optimizer.load_state_dict``."""
+    state: dict[int, dict] = {int(index): dict(entries) for index, entries in meta["state"].items()}
+    for key, value in tensors.items():
+        owner, index, name = key.split(".", 2)
+        if owner == prefix:
+            state.setdefault(int(index), {})[name] = value
+    # JSON turned the betas tuple into a list.
+    groups = [
+        {**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in meta["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    """Puts ``staging`` in place of ``directory``: readers see the old or the new checkpoint, never a partial one."""
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+        directory.rename(old)
+    staging.rename(directory)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backend
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TrainerBackend:
+    """Policy + critic + AdamW state; ``train_step`` runs one PPO update on a rollout batch.
+
+    Both models stay in eval mode throughout (dropout off, as TRL does for PPO): with dropout the first
+    minibatch's ratio would not start at 1 and the old log-probs would not match generation's.
+    """
+
+    def __init__(self, policy: ModelConfig, critic: CriticConfig, ppo: PPOConfig):
+        torch.manual_seed(ppo.seed)
+        self.ppo = ppo
+        self.device = resolve_device(policy.device)
+        self._policy_config = policy
+        self.policy: PreTrainedModel = load_causal_lm(policy).eval()
+        critic_model = ModelConfig(path=critic.path or policy.path, device=policy.device, dtype=policy.dtype)
+        if critic.init is CriticInit.REWARD_MODEL:
+            self.critic = Critic.from_reward_model(critic_model).eval()
+        else:
+            self.critic = Critic.from_policy(critic_model).eval()
+        self._vocab_size = self.policy.get_input_embeddings().num_embeddings
+        critic_vocab = self.critic.backbone.get_input_embeddings().num_embeddings
+        if critic_vocab < self._vocab_size:
+            raise ValueError(
+                f"critic.path: vocabulary of {critic_vocab} < the policy's {self._vocab_size}; "
+                "the critic reads the policy's token ids"
+            )
+        self._build_optimizers()
+        if ppo.kl.mode is KLMode.FIXED:
+            self._kl_controller = rl_math.FixedKLController(ppo.kl.init_coef)
+        else:
+            self._kl_controller = rl_math.AdaptiveKLController(ppo.kl.init_coef, ppo.kl.target, ppo.kl.horizon)
+        self._score_moments = _RunningMoments()
+        self.version = 0
+        self.step = 0
+
+    def _build_optimizers(self) -> None:
+        ppo = self.ppo
+        self._optimizers = {
+            "policy": torch.optim.AdamW(self.policy.parameters(), lr=ppo.learning_rate, weight_decay=ppo.weight_decay),
+            "critic": torch.optim.AdamW(
+                self.critic.parameters(),
+                lr=ppo.critic_learning_rate or ppo.learning_rate,
+                weight_decay=ppo.weight_decay,
+            ),
+        }
+
+    @property
+    def kl_coef(self) -> float:
+        """The KL coefficient beta the next step will use."""
+        return self._kl_controller.value
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------------------------
+
+    def train_step(self, batch: RolloutBatch) -> TrainStats:
+        """One PPO update (``ppo_epochs`` passes) on ``batch``; the policy version goes up by one."""
+        started = time.perf_counter()
+        self._validate(batch)
+        ppo = self.ppo
+        padded = _pad_batch(batch, self.device)
+        mask = padded.response_mask  # (B, T)
+        batch_size, width = mask.shape
+
+        old_logprobs, old_values = self._evaluate(padded)
+        generation_logprobs = _pad_right([lp.float() for lp in batch.generation_logprobs], width).to(self.device)
+        reference_logprobs = _pad_right([lp.float() for lp in batch.reference_logprobs], width).to(self.device)
+
+        raw_scores = batch.scores.float().to(self.device)
+        scores = self._shape_scores(raw_scores)
+        kl_coef = self.kl_coef
+        kl = rl_math.kl_estimate(old_logprobs, reference_logprobs, ppo.kl.estimator)  # (B, T)
+        rewards = rl_math.kl_penalized_rewards(scores, kl, mask, kl_coef)
+        advantages, returns = rl_math.gae_advantages(rewards, old_values, mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages and int(mask.sum()) >= 2:  # whitening needs a variance, so two tokens
+            advantages = rl_math.masked_whiten(advantages, mask)
+
+        update = self._update(padded, old_logprobs, old_values, advantages, returns)
+
+        sequence_kl = float(rl_math.masked_sum(kl, mask, dim=1).mean())
+        self._kl_controller.update(sequence_kl, n_steps=batch_size)
+        self.step += 1
+        self.version += 1
+        return TrainStats(
+            policy_loss=update["policy_loss"],
+            value_loss=update["value_loss"],
+            kl_mean=sequence_kl,
+            entropy=update["entropy"],
+            clip_fraction=update["clip_fraction"],
+            approx_kl=update["approx_kl"],
+            score_mean=float(raw_scores.mean()),
+            return_mean=float(rl_math.masked_mean(returns, mask)),
+            explained_variance=float(rl_math.explained_variance(old_values, returns, mask)),
+            kl_coef=kl_coef,
+            grad_norm=update["grad_norm"],
+            learning_rate=self._optimizers["policy"].param_groups[0]["lr"],
+            policy_version=self.version,
+            tokens=int(mask.sum()),
+            step_seconds=time.perf_counter() - started,
+            generation_logprob_diff=float(rl_math.masked_mean((old_logprobs - generation_logprobs).abs(), mask)),
+            extra={
+                "critic_grad_norm": update["critic_grad_norm"],
+                "value_clip_fraction": update["value_clip_fraction"],
+                "value_mean": float(rl_math.masked_mean(old_values, mask)),
+                "shaped_score_mean": float(scores.mean()),
+                "skipped_minibatches": update["skipped_minibatches"],
+            },
+        )
+
+    def _validate(self, batch: RolloutBatch) -> None:
+        """Raises ValueError naming the offending field; nothing is computed on a bad batch."""
+        size = len(batch.response_ids)
+        if size == 0:
+            raise ValueError("response_ids: the batch is empty")
+        for name in ("prompt_ids", "reference_logprobs", "generation_logprobs"):
+            if len(getattr(batch, name)) != size:
+                raise ValueError(f"{name}: {len(getattr(batch, name))} entries, but response_ids has {size}")
+        for i in range(size):
+            # The first response token is predicted from the last prompt token, so a prompt needs one.
+            for name in ("prompt_ids", "response_ids"):
+                ids = getattr(batch, name)[i]
+                if ids.dim() != 1 or ids.numel() == 0:
+                    raise ValueError(f"{name}[{i}]: expected a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
+                if int(ids.min()) < 0 or int(ids.max()) >= self._vocab_size:
+                    raise ValueError(f"{name}[{i}]: token ids must lie in [0, {self._vocab_size})")
+            response_shape = tuple(batch.response_ids[i].shape)
+            for name in ("reference_logprobs", "generation_logprobs"):
+                values = getattr(batch, name)[i]
+                if tuple(values.shape) != response_shape:
+                    raise ValueError(
+                        f"{name}[{i}]: shape {tuple(values.shape)} != response_ids[{i}] shape {response_shape}"
+                    )
+            if not bool(torch.isfinite(batch.reference_logprobs[i]).all()):
+                raise ValueError(f"reference_logprobs[{i}]: non-finite values")
+        if tuple(batch.scores.shape) != (size,):
+            raise ValueError(f"scores: shape {tuple(batch.scores.shape)}, expected ({size},)")
+        if not bool(torch.isfinite(batch.scores).all()):
+            raise ValueError("scores: non-finite values")
+
+    def _shape_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B,) raw scores -> optionally normalised with the running moments (this batch included), then clipped."""
+        if self.ppo.score_normalization is ScoreNormalization.RUNNING:
+            self._score_moments.update(scores)
+            scores = (scores - self._score_moments.mean) / max(self._score_moments.std, 1e-8)
+        if self.ppo.score_clip is not None:
+            scores = scores.clamp(-self.ppo.score_clip, self.ppo.score_clip)
+        return scores
+
+    def _response_logits(self, padded: _PaddedBatch) -> torch.Tensor:
+        """(b, T, V) policy logits predicting each response token."""
+        logits = self.policy(input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False).logits
+        return _response_aligned(logits, padded.prompt_lengths, padded.response_mask.shape[1])
+
+    def _response_values(self, padded: _PaddedBatch) -> torch.Tensor:
+        """(b, T) critic values V(s_t) of the state before each response token."""
+        values = self.critic(padded.input_ids, padded.attention_mask)
+        return _response_aligned(values, padded.prompt_lengths, padded.response_mask.shape[1])
+
+    @torch.no_grad()
+    def _evaluate(self, padded: _PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Old log-probs and values, (B, T) each, with the trainer's own forward, in micro-batches."""
+        batch_size, width = padded.response_mask.shape
+        logprobs = torch.zeros(batch_size, width, device=self.device)
+        values = torch.zeros(batch_size, width, device=self.device)
+        for rows in torch.arange(batch_size, device=self.device).split(self.ppo.micro_batch_size):
+            micro = padded.select(rows)
+            micro_width = micro.response_mask.shape[1]
+            logprobs[rows, :micro_width] = rl_math.logprobs_from_logits(
+                self._response_logits(micro), micro.response_ids
+            )
+            values[rows, :micro_width] = self._response_values(micro)
+        return logprobs, values
+
+    def _update(
+        self,
+        padded: _PaddedBatch,
+        old_logprobs: torch.Tensor,
+        old_values: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+    ) -> dict[str, float]:
+        """``ppo_epochs`` passes over shuffled minibatches, one optimizer step per minibatch.
+
+        Inputs are (B, T). Within a minibatch the gradients of its micro-batches are accumulated, each loss divided
+        by the minibatch's token count, so the step equals the one on the unsplit minibatch's token-mean loss.
+        Returns token-weighted means of the loss terms and diagnostics, and mean pre-clipping gradient norms.
+        """
+        ppo = self.ppo
+        batch_size = padded.response_mask.shape[0]
+        # Seeded by step so a run resumed from a checkpoint shuffles exactly as an uninterrupted one.
+        generator = torch.Generator().manual_seed(ppo.seed + self.step)
+        sums = dict.fromkeys(
+            ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "value_clip_fraction"), 0.0
+        )
+        tokens_seen = 0.0
+        norms: dict[str, list[float]] = {"policy": [], "critic": []}
+        skipped = 0
+        for _ in range(ppo.ppo_epochs):
+            order = torch.randperm(batch_size, generator=generator).to(self.device)
+            for minibatch in order.split(ppo.minibatch_size):
+                minibatch_tokens = float(padded.response_mask[minibatch].sum())
+                for optimizer in self._optimizers.values():
+                    optimizer.zero_grad(set_to_none=True)
+                for rows in minibatch.split(ppo.micro_batch_size):
+                    micro = padded.select(rows)
+                    mask = micro.response_mask
+                    width = mask.shape[1]
+                    old_lp, old_v = old_logprobs[rows, :width], old_values[rows, :width]
+                    adv, ret = advantages[rows, :width], returns[rows, :width]
+
+                    logits = self._response_logits(micro)
+                    logprobs = rl_math.logprobs_from_logits(logits, micro.response_ids)
+                    # Only keep the entropy's graph when it is part of the loss (it costs a float32 (b, T, V)).
+                    with torch.set_grad_enabled(ppo.entropy_coef > 0):
+                        entropy = rl_math.entropy_from_logits(logits)
+                    values = self._response_values(micro)
+
+                    policy_sum = rl_math.policy_loss_sum(logprobs, old_lp, adv, mask, ppo.clip_range)
+                    value_sum = rl_math.value_loss_sum(values, old_v, ret, mask, ppo.clip_range_value)
+                    entropy_sum = rl_math.masked_sum(entropy, mask)
+                    loss = (policy_sum + ppo.value_coef * value_sum - ppo.entropy_coef * entropy_sum) / minibatch_tokens
+                    loss.backward()
+
+                    with torch.no_grad():
+                        micro_tokens = float(mask.sum())
+                        _, clip_fraction, approx_kl = rl_math.policy_loss(logprobs, old_lp, adv, mask, ppo.clip_range)
+                        _, value_clip = rl_math.value_loss(values, old_v, ret, mask, ppo.clip_range_value)
+                        sums["policy_loss"] += float(policy_sum)
+                        sums["value_loss"] += float(value_sum)
+                        sums["entropy"] += float(entropy_sum)
+                        sums["clip_fraction"] += float(clip_fraction) * micro_tokens
+                        sums["approx_kl"] += float(approx_kl) * micro_tokens
+                        sums["value_clip_fraction"] += float(value_clip) * micro_tokens
+                        tokens_seen += micro_tokens
+
+                policy_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), ppo.max_grad_norm)
+                critic_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), ppo.max_grad_norm)
+                norms["policy"].append(float(policy_norm))
+                norms["critic"].append(float(critic_norm))
+                if not (math.isfinite(norms["policy"][-1]) and math.isfinite(norms["critic"][-1])):
+                    # One non-finite gradient would poison Adam's moments and the weights for good.
+                    log.warning("step %d: non-finite gradient norm, minibatch skipped", self.step)
+                    skipped += 1
+                    continue
+                for optimizer in self._optimizers.values():
+                    optimizer.step()
+        for optimizer in self._optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        stats = {name: total / max(tokens_seen, 1.0) for name, total in sums.items()}
+        stats["grad_norm"] = sum(norms["policy"]) / len(norms["policy"])
+        stats["critic_grad_norm"] = sum(norms["critic"]) / len(norms["critic"])
+        stats["skipped_minibatches"] = float(skipped)
+        return stats
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Weights and checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+
+    def policy_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's weights as (Hugging Face state-dict name, CPU tensor in the model dtype), one at a time.
+
+        Tied weights (e.g. lm_head tied to the embeddings) appear once, under the first name, as in
+        ``save_pretrained``. Each tensor is a copy, so a consumer never sees a later update.
+        """
+        seen: set[tuple[torch.device, int, tuple[int, ...]]] = set()
+        for name, tensor in self.policy.state_dict().items():
+            identity = (tensor.device, tensor.data_ptr(), tuple(tensor.shape))
+            if tensor.numel() and identity in seen:
+                continue
+            seen.add(identity)
+            yield name, tensor.detach().to("cpu", copy=True).contiguous()
+
+    def save_checkpoint(self, directory: Path) -> Path:
+        """Writes ``directory`` atomically (staged beside it, then renamed):
+
+        ``policy/`` (``save_pretrained`` safetensors + tokenizer), ``critic.safetensors``,
+        ``optimizer.safetensors`` (optimizer tensors, keys ``{policy|critic}.{param_index}.{name}``) and
+        ``trainer_state.json`` (step, version, KL coefficient, score moments, the rest of the optimizer state).
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+        try:
+            self.policy.save_pretrained(staging / "policy", safe_serialization=True)
+            load_tokenizer(self._policy_config).save_pretrained(staging / "policy")
+            save_model(self.critic, str(staging / "critic.safetensors"))
+            tensors: dict[str, torch.Tensor] = {}
+            optimizers = {
+                name: _split_optimizer_state(optimizer.state_dict(), name, tensors)
+                for name, optimizer in self._optimizers.items()
+            }
+            save_file(tensors, str(staging / "optimizer.safetensors"))
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "step": self.step,
+                "version": self.version,
+                "kl_coef": self.kl_coef,
+                "score_moments": asdict(self._score_moments),
+                "optimizers": optimizers,
+            }
+            (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            _replace_directory(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("checkpoint of step %d (policy version %d) written to %s", self.step, self.version, directory)
+        return directory
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restores a ``save_checkpoint`` directory; training then continues as if it had never stopped."""
+        directory = Path(directory)
+        state = json.loads((directory / "trainer_state.json").read_text())
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{directory}: checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+        # Reloading the policy with from_pretrained handles sharded files and tied weights; the optimizers are
+        # then rebuilt over the new parameters before their state is restored.
+        self.policy = load_causal_lm(self._policy_config.model_copy(update={"path": str(directory / "policy")}))
+        self.policy.eval()
+        load_model(self.critic, str(directory / "critic.safetensors"), device=str(self.device))
+        self._build_optimizers()
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+        for name, optimizer in self._optimizers.items():
+            optimizer.load_state_dict(_join_optimizer_state(state["optimizers"][name], name, tensors))
+        self.step = int(state["step"])
+        self.version = int(state["version"])
+        self._kl_controller.value = float(state["kl_coef"])
+        self._score_moments = _RunningMoments(**state["score_moments"])
+        log.info("checkpoint %s loaded: step %d, policy version %d", directory, self.step, self.version)

@@ -1,0 +1,133 @@
+"""Trainer gRPC servicer: protobuf <-> domain only; PPO is the backend's."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import torch
+
+from services.trainer.backend import TrainerBackend
+from services.trainer.config import TrainerConfig
+from shared import codec
+from shared.convert import train_stats_to_pb
+from shared.errors import InvalidInput
+from shared.proto.rlhf.v1 import trainer_pb2, trainer_pb2_grpc
+from shared.server import BackendHolder, Role, Server, build_grpc_server
+from shared.types import RolloutBatch
+from shared.validation import check_batch_size, check_row_lengths, check_token_rows
+from shared.weights import chunk_weights
+from shared.worker import ModelWorker
+
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
+
+
+def rollout_from_pb(request: trainer_pb2.TrainStepRequest) -> RolloutBatch:
+    prompt_ids = codec.ragged_from_pb(request.prompt_ids, "prompt_ids")
+    response_ids = codec.ragged_from_pb(request.response_ids, "response_ids")
+    reference = codec.ragged_from_pb(request.reference_logprobs, "reference_logprobs")
+    generation = codec.ragged_from_pb(request.generation_logprobs, "generation_logprobs")
+    scores = codec.tensor_from_pb(request.scores, "scores")
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        response_ids=response_ids,
+        scores=scores.to(torch.float32),
+        reference_logprobs=[r.to(torch.float32) for r in reference],
+        generation_logprobs=[g.to(torch.float32) for g in generation],
+        policy_version=request.policy_version,
+    )
+
+
+class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
+    def __init__(self, config: TrainerConfig):
+        self.config = config
+        self.worker = ModelWorker("trainer")
+        # Weight streams read the live parameters (no copy of the model); a TrainStep waits until none is open.
+        self._streams = 0
+        self._streams_done = asyncio.Condition()
+
+    async def _exclusive(self, fn, *args):
+        """Runs a call that changes the weights, once no weight stream is open (and holds new ones off)."""
+        async with self._streams_done:
+            await self._streams_done.wait_for(lambda: self._streams == 0)
+            return await self.worker.run(fn, *args)
+
+    def _validate(self, batch: RolloutBatch) -> None:
+        backend: TrainerBackend = self.backend
+        vocab = backend.policy.get_input_embeddings().num_embeddings
+        check_batch_size(len(batch.prompt_ids), "prompt_ids", self.config.max_batch)
+        check_token_rows(batch.prompt_ids, "prompt_ids", vocab)
+        check_token_rows(batch.response_ids, "response_ids", vocab)
+        check_row_lengths(batch.reference_logprobs, batch.response_ids, "reference_logprobs", "response_ids")
+        check_row_lengths(batch.generation_logprobs, batch.response_ids, "generation_logprobs", "response_ids")
+        if tuple(batch.scores.shape) != (len(batch.response_ids),):
+            raise InvalidInput("scores", f"shape {list(batch.scores.shape)}, expected [{len(batch.response_ids)}]")
+
+    async def TrainStep(self, request: trainer_pb2.TrainStepRequest, context: grpc.aio.ServicerContext):
+        batch = rollout_from_pb(request)
+        self._validate(batch)
+        stats = await self._exclusive(self.backend.train_step, batch)
+        return trainer_pb2.TrainStepResponse(stats=train_stats_to_pb(stats))
+
+    async def StreamWeights(self, request: trainer_pb2.StreamWeightsRequest, context: grpc.aio.ServicerContext):
+        backend: TrainerBackend = self.backend
+        limit = self.config.server.max_message_bytes - 64 * 1024  # room for the chunk's other fields
+        chunk_bytes = request.chunk_bytes or limit
+        if chunk_bytes < 0:
+            raise InvalidInput("chunk_bytes", f"must be >= 0, got {chunk_bytes}")
+        chunk_bytes = min(chunk_bytes, limit)
+        async with self._streams_done:  # not while a TrainStep runs; several replicas may stream at once
+            self._streams += 1
+        try:
+            tensors = list(backend.policy_state())
+            for chunk in chunk_weights(tensors, backend.version, chunk_bytes):
+                yield chunk
+        finally:
+            async with self._streams_done:
+                self._streams -= 1
+                self._streams_done.notify_all()
+
+    async def SaveCheckpoint(self, request: trainer_pb2.CheckpointRequest, context):
+        if not request.directory:
+            raise InvalidInput("directory", "is empty")
+        backend: TrainerBackend = self.backend
+        path = await self.worker.run(backend.save_checkpoint, Path(request.directory))
+        return trainer_pb2.CheckpointResponse(directory=str(path), policy_version=backend.version, step=backend.step)
+
+    async def LoadCheckpoint(self, request: trainer_pb2.CheckpointRequest, context):
+        directory = Path(request.directory)
+        if not request.directory or not directory.is_dir():
+            raise InvalidInput("directory", f"{request.directory!r} is not a checkpoint directory")
+        backend: TrainerBackend = self.backend
+        await self._exclusive(backend.load_checkpoint, directory)
+        return trainer_pb2.CheckpointResponse(
+            directory=str(directory), policy_version=backend.version, step=backend.step
+        )
+
+    async def GetState(self, request, context):
+        backend: TrainerBackend = self.backend
+        return trainer_pb2.TrainerState(policy_version=backend.version, step=backend.step, kl_coef=backend.kl_coef)
+
+
+def load_backend(config: TrainerConfig) -> TrainerBackend:
+    backend = TrainerBackend(config.policy, config.critic, config.ppo)
+    if config.resume_from:
+        backend.load_checkpoint(Path(config.resume_from))
+    return backend
+
+
+def warm_up(backend: TrainerBackend) -> None:
+    """Nothing to warm: the first TrainStep pays its own start-up."""
+
+
+async def build_server(config: TrainerConfig, backend: TrainerBackend | None) -> tuple[Server, int]:
+    """Binds the trainer service (health NOT_SERVING); ``backend`` None means attach it later."""
+    servicer = TrainerServicer(config)
+    server = await build_grpc_server(
+        config.server, [(servicer, trainer_pb2_grpc.add_TrainerServicer_to_server, SERVICE_NAME)], backend
+    )
+    return server, server.port
+
+
+ROLE = Role("trainer", TrainerConfig, build_server, load_backend, warm_up)
