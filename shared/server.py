@@ -49,6 +49,9 @@ class BackendHolder:
     def attach(self, backend) -> None:
         self._backend = backend
 
+    async def close(self) -> None:
+        """Releases what the servicer started (queues, threads); called after the server stopped."""
+
 
 @dataclass
 class Server:
@@ -75,6 +78,8 @@ class Server:
     async def stop(self, grace: float | None) -> None:
         await self.set_serving(False)
         await self.grpc_server.stop(grace)
+        for servicer in self.servicers:
+            await servicer.close()
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:

@@ -28,3 +28,13 @@ def pytest_configure(config):
 
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def pretrained_policy_dir(tmp_path_factory):
+    """The tiny policy after ~300 steps on the built-in corpus: it writes short sentences (~9 s to build)."""
+    from shared.tiny_models import pretrain
+
+    directory = build_policy(tmp_path_factory.mktemp("pretrained-policy"))
+    pretrain(directory)
+    return directory

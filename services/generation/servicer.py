@@ -56,6 +56,14 @@ def samples_to_pb(samples: list[Sample], version: int) -> generation_pb2.Generat
     )
 
 
+async def _at_least(chunks: AsyncIterator[weights_pb2.WeightChunk], min_version: int):
+    """Passes the chunks on, failing at the first one older than ``min_version``: before anything is swapped in."""
+    async for chunk in chunks:
+        if chunk.version < min_version:
+            raise InvalidInput("min_version", f"trainer holds version {chunk.version} < {min_version}")
+        yield chunk
+
+
 class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
     def __init__(self, config: GenerationConfig):
         self.config = config
@@ -89,10 +97,7 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
             stub = trainer_pb2_grpc.TrainerStub(channel)
             chunk_bytes = max(1024, self.config.server.max_message_bytes // 2)
             stream = stub.StreamWeights(trainer_pb2.StreamWeightsRequest(chunk_bytes=chunk_bytes))
-            result = await self._apply(stream)
-        if result.version < request.min_version:
-            raise InvalidInput("min_version", f"trainer holds version {result.version} < {request.min_version}")
-        return result
+            return await self._apply(_at_least(stream, request.min_version))
 
     async def _apply(self, chunks: AsyncIterator[weights_pb2.WeightChunk]) -> weights_pb2.WeightUpdateResult:
         backend: GenerationBackend = self.backend

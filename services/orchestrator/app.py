@@ -11,6 +11,7 @@ import enum
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -223,6 +224,11 @@ def run_orchestrator(args) -> None:
     server = uvicorn.Server(uvicorn.Config(app, host=config.api.host, port=config.api.port, log_level="warning"))
 
     async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # graceful: the lifespan stops the run, then uvicorn exits
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        # Ours above, not uvicorn's: uvicorn re-raises the signal after its graceful exit, so the exit code is -15.
+        server.capture_signals = contextlib.nullcontext
         serving = asyncio.create_task(server.serve())
         while not server.started:
             if serving.done():

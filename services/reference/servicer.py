@@ -22,6 +22,9 @@ class ReferenceServicer(BackendHolder, reference_pb2_grpc.ReferenceServicer):
             ModelWorker("reference"), lambda pairs: self.backend.logprobs(pairs), max_batch=config.max_batch
         )
 
+    async def close(self) -> None:
+        await self.queue.close()
+
     async def LogProbs(self, request: reference_pb2.LogProbsRequest, context: grpc.aio.ServicerContext):
         prompt_ids = codec.ragged_from_pb(request.prompt_ids, "prompt_ids")
         response_ids = codec.ragged_from_pb(request.response_ids, "response_ids")

@@ -23,6 +23,9 @@ class RewardServicer(BackendHolder, reward_pb2_grpc.RewardServicer):
             ModelWorker("reward"), lambda pairs: self.backend.score(pairs), max_batch=config.max_batch
         )
 
+    async def close(self) -> None:
+        await self.queue.close()
+
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
         _ = self.backend  # UNAVAILABLE while the model is loading
         prompts, responses = list(request.prompts), list(request.responses)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from transformers import AutoModel, PreTrainedModel
 
 from shared import rl_math
@@ -362,9 +362,12 @@ class TrainerBackend:
         self.step = 0
 
     def _build_optimizers(self) -> None:
+        self._optimizers = self._make_optimizers(self.policy)
+
+    def _make_optimizers(self, policy: PreTrainedModel) -> dict[str, torch.optim.Optimizer]:
         ppo = self.ppo
-        self._optimizers = {
-            "policy": torch.optim.AdamW(self.policy.parameters(), lr=ppo.learning_rate, weight_decay=ppo.weight_decay),
+        return {
+            "policy": torch.optim.AdamW(policy.parameters(), lr=ppo.learning_rate, weight_decay=ppo.weight_decay),
             "critic": torch.optim.AdamW(
                 self.critic.parameters(),
                 lr=ppo.critic_learning_rate or ppo.learning_rate,
@@ -640,15 +643,24 @@ class TrainerBackend:
         state = json.loads((directory / "trainer_state.json").read_text())
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{directory}: checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
-        # Reloading the policy with from_pretrained handles sharded files and tied weights; the optimizers are
-        # then rebuilt over the new parameters before their state is restored.
-        self.policy = load_causal_lm(self._policy_config.model_copy(update={"path": str(directory / "policy")}))
-        self.policy.eval()
-        load_model(self.critic, str(directory / "critic.safetensors"), device=str(self.device))
-        self._build_optimizers()
+        missing = [n for n in ("policy", "critic.safetensors", "optimizer.safetensors") if not (directory / n).exists()]
+        if missing:
+            raise ValueError(f"{directory}: incomplete checkpoint, missing {', '.join(missing)}")
+        # Everything is read and checked before anything is replaced: a broken checkpoint leaves the trainer as it
+        # was. Reloading the policy with from_pretrained handles sharded files and tied weights; the optimizers are
+        # rebuilt over the new parameters before their state is restored.
+        policy = load_causal_lm(self._policy_config.model_copy(update={"path": str(directory / "policy")})).eval()
+        critic_state = load_file(str(directory / "critic.safetensors"), device=str(self.device))
+        expected = {k: tuple(v.shape) for k, v in self.critic.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in critic_state.items()} != expected:
+            raise ValueError(f"{directory}: critic.safetensors does not match this trainer's critic")
         tensors = load_file(str(directory / "optimizer.safetensors"))
-        for name, optimizer in self._optimizers.items():
+        optimizers = self._make_optimizers(policy)
+        for name, optimizer in optimizers.items():
             optimizer.load_state_dict(_join_optimizer_state(state["optimizers"][name], name, tensors))
+        self.policy = policy
+        self.critic.load_state_dict(critic_state, strict=True)
+        self._optimizers = optimizers
         self.step = int(state["step"])
         self.version = int(state["version"])
         self._kl_controller.value = float(state["kl_coef"])

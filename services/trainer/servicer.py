@@ -72,7 +72,8 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
 
     async def StreamWeights(self, request: trainer_pb2.StreamWeightsRequest, context: grpc.aio.ServicerContext):
         backend: TrainerBackend = self.backend
-        limit = self.config.server.max_message_bytes - 64 * 1024  # room for the chunk's other fields
+        max_bytes = self.config.server.max_message_bytes
+        limit = max_bytes - min(64 * 1024, max_bytes // 2)  # room for the chunk's other fields
         chunk_bytes = request.chunk_bytes or limit
         if chunk_bytes < 0:
             raise InvalidInput("chunk_bytes", f"must be >= 0, got {chunk_bytes}")
@@ -97,7 +98,7 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
 
     async def LoadCheckpoint(self, request: trainer_pb2.CheckpointRequest, context):
         directory = Path(request.directory)
-        if not request.directory or not directory.is_dir():
+        if not request.directory or not (directory / "trainer_state.json").is_file():
             raise InvalidInput("directory", f"{request.directory!r} is not a checkpoint directory")
         backend: TrainerBackend = self.backend
         await self._exclusive(backend.load_checkpoint, directory)

@@ -354,6 +354,27 @@ def test_checkpoint_round_trip_resumes_exactly(tiny_policy_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("damage", ["critic.safetensors", "optimizer.safetensors", "critic-shape"])
+def test_a_broken_checkpoint_leaves_the_trainer_unchanged(tiny_policy_dir, tmp_path, damage):
+    from safetensors.torch import save_file
+
+    source = _backend(tiny_policy_dir, learning_rate=1e-3)
+    source.train_step(_ragged_batch(source.policy, size=4, seed=3))
+    checkpoint = source.save_checkpoint(tmp_path / "checkpoint")
+    if damage == "critic-shape":
+        save_file({"head.weight": torch.zeros(1, 3)}, str(checkpoint / "critic.safetensors"))
+    else:
+        (checkpoint / damage).unlink()
+    target = _backend(tiny_policy_dir)
+    before = {k: v.clone() for k, v in target.policy.state_dict().items()}
+    policy_object = target.policy
+    with pytest.raises(ValueError, match=r"checkpoint|critic"):
+        target.load_checkpoint(checkpoint)
+    assert target.policy is policy_object and target.version == 0 and target.step == 0
+    for name, tensor in target.policy.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
 def _break_lengths(batch):
     batch.prompt_ids.pop()
 

@@ -1,0 +1,225 @@
+"""The orchestrator: control API over in-process clients, datasets, retries against a real gRPC peer, and the
+gRPC clients against real services (several generation replicas included)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import httpx
+import pytest
+
+from services.generation.backend import GenerationBackend
+from services.generation.config import GenerationConfig
+from services.generation.servicer import build_server as build_generation
+from services.orchestrator.app import create_app
+from services.orchestrator.clients import GrpcGeneration, GrpcReward, Retrying
+from services.orchestrator.config import OrchestratorConfig, PeersConfig, RpcConfig, RunConfig
+from services.orchestrator.dataset import DatasetError, PromptCursor, load_prompts
+from services.orchestrator.inprocess import inprocess_clients
+from services.orchestrator.loop import RLHFLoop
+from services.reference.backend import ReferenceBackend
+from services.reference.config import ReferenceConfig
+from services.reward.backend import load_backend
+from services.reward.config import RewardConfig
+from services.reward.servicer import build_server as build_reward
+from services.trainer.backend import CriticConfig, PPOConfig, TrainerBackend
+from shared.modeling import ModelConfig
+from shared.types import SamplingParams
+from tests.service.grpc_helpers import running
+
+REWARD = {"function": "services.reward.functions:positive_word_share"}
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat is", "the day was", "we", "she"]))
+    return path
+
+
+@pytest.fixture
+def clients_factory(tiny_policy_dir):
+    def factory():
+        model = {"model": {"path": str(tiny_policy_dir)}}
+        return inprocess_clients(
+            GenerationBackend(GenerationConfig.model_validate(model)),
+            load_backend(RewardConfig.model_validate(REWARD)),
+            ReferenceBackend(ReferenceConfig.model_validate(model)),
+            TrainerBackend(
+                ModelConfig(path=str(tiny_policy_dir)),
+                CriticConfig(),
+                PPOConfig(ppo_epochs=1, minibatch_size=4, micro_batch_size=4),
+            ),
+        )
+
+    return factory
+
+
+def test_dataset_rows_and_errors_name_file_and_line(tmp_path):
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"prompt": "a"}\n\n{"prompt": "b", "extra": 1}\n')
+    assert load_prompts(good) == ["a", "b"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": 3}\n')
+    with pytest.raises(DatasetError, match=r"bad.jsonl:2: .*'prompt'"):
+        load_prompts(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a"}\n{"prompt": "b"\n')
+    with pytest.raises(DatasetError, match=r"broken.jsonl:2: not valid JSON"):
+        load_prompts(broken)
+    with pytest.raises(DatasetError, match="no such file"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_cursor_visits_every_prompt_once_per_epoch_and_is_seeded():
+    cursor = PromptCursor([f"p{i}" for i in range(10)], seed=3)
+    epoch = cursor.next_batch(4) + cursor.next_batch(6)
+    assert sorted(epoch) == sorted(f"p{i}" for i in range(10))
+    assert PromptCursor([f"p{i}" for i in range(10)], seed=3).next_batch(10) == epoch
+    assert cursor.next_batch(10) != epoch  # reshuffled for the next epoch
+
+
+async def test_inprocess_loop_advances_one_version_per_iteration(clients_factory, dataset, tmp_path):
+    config = RunConfig(
+        dataset=str(dataset),
+        iterations=3,
+        prompts_per_iteration=4,
+        runs_dir=str(tmp_path),
+        sampling={"max_new_tokens": 6, "samples_per_prompt": 2},
+    )
+    clients = clients_factory()
+    summary = await RLHFLoop("inproc", config, clients).run()
+    assert summary["iterations"] == 3 and summary["policy_version"] == 3
+    lines = (tmp_path / "inproc" / "iterations.jsonl").read_text().splitlines()
+    assert [json.loads(line)["policy_version"] for line in lines] == [1, 2, 3]
+    assert all(json.loads(line)["samples"] == 8 for line in lines)
+    assert clients.generation.backend.version == 3 == clients.trainer.backend.version
+
+
+async def test_control_api_start_status_conflict_stop_and_metrics(clients_factory, dataset, tmp_path):
+    config = OrchestratorConfig.model_validate(
+        {
+            "run": {
+                "dataset": str(dataset),
+                "prompts_per_iteration": 4,
+                "runs_dir": str(tmp_path),
+                "sampling": {"max_new_tokens": 4},
+            }
+        }
+    )
+    app = create_app(config, clients_factory)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("not json\n")
+        reply = await client.post("/runs", json={"dataset": str(bad)})
+        assert reply.status_code == 422 and "bad.jsonl:1" in reply.json()["detail"]
+        reply = await client.post("/runs", json={"iterations": "many"})
+        assert reply.status_code == 422 and "iterations" in reply.text
+        assert (await client.get("/runs/nope")).status_code == 404
+
+        first = await client.post("/runs", json={"iterations": 2, "run_id": "one"})
+        assert first.status_code == 201 and first.json()["run_id"] == "one"
+        conflict = await client.post("/runs", json={"iterations": 2, "run_id": "two"})
+        assert conflict.status_code == 409
+        status = await _until_done(client, "one")
+        assert status["state"] == "completed" and [s["policy_version"] for s in status["stats"]] == [1, 2]
+        assert status["summary"]["iterations"] == 2
+
+        await client.post("/runs", json={"iterations": 50, "run_id": "long"})
+        while (await client.get("/runs/long")).json()["iteration"] < 1:
+            await asyncio.sleep(0.05)
+        stopping = await client.post("/runs/long/stop")
+        assert stopping.json()["state"] in ("stopping", "stopped")
+        status = await _until_done(client, "long")
+        assert status["state"] == "stopped" and 1 <= status["iteration"] < 50
+        assert status["summary"]["stopped_early"] is True
+        metrics = (await client.get("/metrics")).text
+        assert 'rlhf_run_state{run_id="long",state="stopped"} 1.0' in metrics
+        assert 'rlhf_iteration{run_id="one"} 2.0' in metrics
+        assert [r["run_id"] for r in (await client.get("/runs")).json()] == ["one", "long"]
+
+
+async def _until_done(client, run_id, timeout=120):
+    for _ in range(int(timeout / 0.05)):
+        status = (await client.get(f"/runs/{run_id}")).json()
+        if status["state"] in ("completed", "stopped", "failed"):
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} still {status['state']}")
+
+
+async def test_retries_with_backoff_until_a_late_peer_comes_up():
+    """A real reward server that starts listening only after the client began calling."""
+    config = RewardConfig.model_validate({**REWARD, "server": {"port": 0}})
+    server, port = await build_reward(config, load_backend(config))  # bound, not started: connections refused
+    rpc = RpcConfig(initial_backoff_s=0.2, max_attempts=8, max_backoff_s=0.5)
+    reward = GrpcReward(PeersConfig(reward=f"127.0.0.1:{port}"), rpc)
+    from services.orchestrator.clients import Rollouts
+
+    rollouts = Rollouts(["p"], [" good"], [1], ["eos"], 0, None)
+    call = asyncio.create_task(reward.score(rollouts))
+    await asyncio.sleep(0.6)
+    assert not call.done()
+    async with running(server):
+        assert await asyncio.wait_for(call, 10) == [1.0]
+    await reward.channel.close()
+
+
+async def test_retrying_gives_up_after_max_attempts_and_never_retries_bad_input():
+    attempts = []
+
+    async def unavailable(timeout):
+        attempts.append(timeout)
+        raise _rpc_error(grpc.StatusCode.UNAVAILABLE)
+
+    retry = Retrying(RpcConfig(initial_backoff_s=0.01, max_attempts=3), "peer")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await retry("M", unavailable, 1.5)
+    assert attempts == [1.5, 1.5, 1.5]
+
+    async def invalid(timeout):
+        attempts.append(timeout)
+        raise _rpc_error(grpc.StatusCode.INVALID_ARGUMENT)
+
+    attempts.clear()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await retry("M", invalid, 1.0)
+    assert attempts == [1.0]
+
+
+def _rpc_error(code):
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="test")
+
+
+async def test_prompts_are_split_across_generation_replicas_and_merged_in_order(tiny_policy_dir):
+    replicas = []
+    for _ in range(3):
+        config = GenerationConfig.model_validate({"model": {"path": str(tiny_policy_dir)}, "server": {"port": 0}})
+        replicas.append(await build_generation(config, GenerationBackend(config)))
+    contexts = [running(server) for server, _ in replicas]
+    for context in contexts:
+        await context.__aenter__()
+    try:
+        peers = PeersConfig(generation=[f"127.0.0.1:{port}" for _, port in replicas])
+        client = GrpcGeneration(peers, RpcConfig())
+        prompts = ["the cat is", "we", "she", "the day was", "a bird", "they"]
+        rollouts = await client.generate(prompts, SamplingParams(max_new_tokens=4, seed=1, samples_per_prompt=2))
+        assert rollouts.prompts == [p for p in prompts for _ in range(2)]
+        merged = rollouts.tokens
+        assert list(merged.prompt_index) == [i for i in range(6) for _ in range(2)]
+        from shared import codec
+
+        ids = codec.ragged_from_pb(merged.prompt_ids, "p")
+        tokenizer = replicas[0][0].servicers[0].backend.tokenizer
+        assert [row.tolist() for row in ids] == [tokenizer(p)["input_ids"] for p in prompts for _ in range(2)]
+        lengths = [len(r) for r in codec.ragged_from_pb(merged.response_logprobs, "l")]
+        assert lengths == rollouts.response_lengths
+        for channel in client.channels:
+            await channel.close()
+    finally:
+        for context in contexts:
+            await context.__aexit__(None, None, None)
