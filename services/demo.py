@@ -48,7 +48,7 @@ def build_assets(assets: Path) -> Path:
 
 def service_configs(policy: Path) -> dict[str, dict]:
     model = {"path": str(policy), "cpu_threads": 1}
-    server = {"port": 0, "grace_seconds": 5}
+    server = {"port": 0, "metrics_port": 0, "grace_seconds": 5}
     return {
         "generation": {"server": server, "model": model},
         "reward": {"server": server, "function": "services.reward.functions:positive_word_share"},

@@ -26,9 +26,10 @@ class ReferenceServicer(BackendHolder, reference_pb2_grpc.ReferenceServicer):
         await self.queue.close()
 
     async def LogProbs(self, request: reference_pb2.LogProbsRequest, context: grpc.aio.ServicerContext):
+        backend: ReferenceBackend = self.backend  # UNAVAILABLE while the model is loading
         prompt_ids = codec.ragged_from_pb(request.prompt_ids, "prompt_ids")
         response_ids = codec.ragged_from_pb(request.response_ids, "response_ids")
-        self.backend.validate(prompt_ids, response_ids)
+        backend.validate(prompt_ids, response_ids)
         logprobs = await self.queue.submit(list(zip(prompt_ids, response_ids, strict=True)))
         return reference_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(logprobs, torch.float32))
 

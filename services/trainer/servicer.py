@@ -65,9 +65,10 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
             raise InvalidInput("scores", f"shape {list(batch.scores.shape)}, expected [{len(batch.response_ids)}]")
 
     async def TrainStep(self, request: trainer_pb2.TrainStepRequest, context: grpc.aio.ServicerContext):
+        backend: TrainerBackend = self.backend  # UNAVAILABLE while the model is loading
         batch = rollout_from_pb(request)
         self._validate(batch)
-        stats = await self._exclusive(self.backend.train_step, batch)
+        stats = await self._exclusive(backend.train_step, batch)
         return trainer_pb2.TrainStepResponse(stats=train_stats_to_pb(stats))
 
     async def StreamWeights(self, request: trainer_pb2.StreamWeightsRequest, context: grpc.aio.ServicerContext):

@@ -60,7 +60,7 @@ def _wait(client: httpx.Client, run_id: str, timeout: float) -> dict:
 
 
 def test_loop_through_service_processes_learns_and_advances_versions(stack):
-    _, api, _, work = stack
+    _, api, services, work = stack
     dataset = work / "prompts.jsonl"
     dataset.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(256)))
     run = {
@@ -92,6 +92,12 @@ def test_loop_through_service_processes_learns_and_advances_versions(stack):
     assert summary["config"]["dataset"] == str(dataset)
     assert 'rlhf_iteration{run_id="e2e"} 12.0' in metrics
     assert 'rlhf_phase_seconds_count{phase="train",run_id="e2e"} 12.0' in metrics
+    # Each service serves the standard gRPC server metrics on its own port.
+    trainer_metrics = httpx.get(f"http://127.0.0.1:{services['trainer'].info['metrics_port']}/metrics").text
+    assert (
+        'grpc_server_handled_total{grpc_code="OK",grpc_method="TrainStep",grpc_service="rlhf.v1.Trainer",'
+        'grpc_type="unary"} 12.0'
+    ) in trainer_metrics
 
 
 def test_every_process_stops_cleanly_on_sigterm(stack):
