@@ -50,4 +50,4 @@ async def test_role_serves_reflection_and_is_not_serving_until_loaded(role_name)
         async for response in stub.ServerReflectionInfo(requests(), timeout=5):
             names = {s.name for s in response.list_services_response.service}
     assert {module.SERVICE_NAME, "grpc.health.v1.Health"} <= names
-    assert module.SERVICE_NAME == f"rlhf.v1.{role_name.capitalize()}"
+    assert f"rlhf.v1.{role_name.capitalize()}" == module.SERVICE_NAME
