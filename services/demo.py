@@ -29,7 +29,7 @@ DEMO_PPO = {
     "ppo_epochs": 4,
     "minibatch_size": 16,
     "micro_batch_size": 16,
-    "kl": {"mode": "adaptive", "init_coef": 0.1, "target": 4.0, "horizon": 2000},
+    "kl": {"mode": "adaptive", "init_coef": 0.1, "target": 4.0, "horizon": 256},
 }
 
 
@@ -57,6 +57,24 @@ def service_configs(policy: Path) -> dict[str, dict]:
     }
 
 
+def start_stack(launcher: Launcher, policy: Path, orchestrator: dict | None = None) -> tuple[dict, str]:
+    """Starts the four services, waits until each serves, then the orchestrator pointed at them.
+
+    Returns the service processes by role and the control API's URL.
+    """
+    services = {name: launcher.start(name, ["serve", name], cfg) for name, cfg in service_configs(policy).items()}
+    for service in services.values():
+        service.wait_ready(180)
+    peers = {
+        "generation": [services["generation"].address],
+        **{role: services[role].address for role in ("reward", "reference", "trainer")},
+    }
+    process = launcher.start(
+        "orchestrator", ["orchestrator"], {"peers": peers, "api": {"port": 0}, **(orchestrator or {})}
+    )
+    return services, f"http://127.0.0.1:{process.wait_ready(60)['port']}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=40)
@@ -72,26 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     work = args.runs_dir / run_id / "processes"
     with Launcher(work) as launcher:
         print(f"starting 4 services + orchestrator (configs and logs in {work})")
-        services = {name: launcher.start(name, ["serve", name], cfg) for name, cfg in service_configs(policy).items()}
         try:
+            services, api = start_stack(launcher, policy)
             for service in services.values():
-                service.wait_ready(180)
-                print(f"  {service.name:<10} pid {service.process.pid:<7} gRPC {service.address}")
-            orchestrator = launcher.start(
-                "orchestrator",
-                ["orchestrator"],
-                {
-                    "peers": {
-                        "generation": [services["generation"].address],
-                        "reward": services["reward"].address,
-                        "reference": services["reference"].address,
-                        "trainer": services["trainer"].address,
-                    },
-                    "api": {"port": 0},
-                },
-            )
-            api = f"http://127.0.0.1:{orchestrator.wait_ready(60)['port']}"
-            print(f"  {'orchestrator':<10} pid {orchestrator.process.pid:<7} control API {api}")
+                print(f"  {service.name:<12} pid {service.process.pid:<7} gRPC {service.address}")
+            print(f"  {'orchestrator':<12} control API {api}")
         except LaunchError as exc:
             print(f"demo: {exc}", file=sys.stderr)
             return 1

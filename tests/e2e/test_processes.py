@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from services.demo import service_configs
+from services.demo import start_stack
 from services.launcher import Launcher
 from shared.tiny_models import prompts
 
@@ -25,27 +25,7 @@ def stack(pretrained_policy_dir, tmp_path_factory):
     """Every role as its own process; yields (launcher, api url, services)."""
     work = tmp_path_factory.mktemp("e2e")
     with Launcher(work / "processes") as launcher:
-        services = {
-            name: launcher.start(name, ["serve", name], cfg)
-            for name, cfg in service_configs(pretrained_policy_dir).items()
-        }
-        for service in services.values():
-            service.wait_ready(120)
-        orchestrator = launcher.start(
-            "orchestrator",
-            ["orchestrator"],
-            {
-                "peers": {
-                    "generation": [services["generation"].address],
-                    "reward": services["reward"].address,
-                    "reference": services["reference"].address,
-                    "trainer": services["trainer"].address,
-                },
-                "api": {"port": 0},
-                "rpc": {"wait_ready_s": 60},
-            },
-        )
-        api = f"http://127.0.0.1:{orchestrator.wait_ready(60)['port']}"
+        services, api = start_stack(launcher, pretrained_policy_dir, {"rpc": {"wait_ready_s": 60}})
         yield launcher, api, services, work
 
 

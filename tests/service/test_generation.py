@@ -16,6 +16,7 @@ from services.generation.servicer import SERVICE_NAME, build_server
 from shared import codec
 from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc
 from shared.weights import chunk_weights
+from tests.helpers import forward_logprobs
 from tests.service.grpc_helpers import expect_status, health_status, running
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -48,13 +49,6 @@ def _ids_request(prompts, **kwargs):
     return generation_pb2.GenerateRequest(
         prompt_ids=codec.ragged_to_pb(prompts, torch.int64), sampling=_sampling(**kwargs)
     )
-
-
-def _forward_logprobs(model, prompt, response):
-    ids = torch.cat([prompt, response]).unsqueeze(0)
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
-    return logprobs[prompt.numel() - 1 : -1].gather(1, response.unsqueeze(1)).squeeze(1)
 
 
 def _decode(reply):
@@ -98,7 +92,7 @@ async def test_generate_from_text_returns_consistent_samples(config, backend, ti
             assert finish == generation_pb2.FINISH_REASON_LENGTH and response.numel() == 12
         assert reply.texts[i] == tokenizer.decode(response, skip_special_tokens=True)
         # Log-probs under the policy itself equal a plain forward of the same weights on the sampled tokens.
-        torch.testing.assert_close(lp, _forward_logprobs(model, prompt, response), atol=1e-4, rtol=0)
+        torch.testing.assert_close(lp, forward_logprobs(model, prompt, response), atol=1e-4, rtol=0)
 
 
 async def test_seed_makes_sampling_reproducible_and_greedy_is_deterministic(config, backend):
@@ -180,7 +174,7 @@ async def test_weight_update_swaps_in_the_new_policy(config, backend, tiny_polic
     _, responses, logprobs = _decode(after)
     # The outputs are those the new weights give: greedy continuation and log-probs of the new model.
     for prompt, response, lp in zip(prompts, responses, logprobs, strict=True):
-        torch.testing.assert_close(lp, _forward_logprobs(new_model, prompt, response), atol=1e-4, rtol=0)
+        torch.testing.assert_close(lp, forward_logprobs(new_model, prompt, response), atol=1e-4, rtol=0)
         with torch.no_grad():
             expected = new_model.generate(
                 prompt.unsqueeze(0),
@@ -215,5 +209,5 @@ async def test_no_batch_sees_half_updated_weights(config, backend, tiny_policy_d
         seen.add(reply.policy_version)
         model = models[reply.policy_version]
         for prompt, response, lp in zip(*_decode(reply), strict=True):
-            torch.testing.assert_close(lp, _forward_logprobs(model, prompt, response), atol=1e-4, rtol=0)
+            torch.testing.assert_close(lp, forward_logprobs(model, prompt, response), atol=1e-4, rtol=0)
     assert seen <= {0, 1, 2, 3}

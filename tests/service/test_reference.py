@@ -6,7 +6,6 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForCausalLM
 
 from services.reference.backend import ReferenceBackend
@@ -79,20 +78,6 @@ async def test_health_goes_serving_only_once_a_backend_is_attached(config, backe
         reply = await stub.LogProbs(_request(one, one), timeout=10)
         assert len(codec.ragged_from_pb(reply.logprobs, "x")) == 1
     assert server.port > 0
-
-
-async def test_reflection_lists_the_service(config, backend):
-    server, _ = await build_server(config, backend)
-    async with running(server) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-
-        async def requests():
-            yield reflection_pb2.ServerReflectionRequest(list_services="")
-
-        names = []
-        async for response in stub.ServerReflectionInfo(requests(), timeout=10):
-            names = [s.name for s in response.list_services_response.service]
-    assert SERVICE_NAME == "rlhf.v1.Reference" and SERVICE_NAME in names
 
 
 async def test_bad_inputs_are_rejected_and_the_service_stays_healthy(config, backend):

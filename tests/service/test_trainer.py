@@ -15,7 +15,6 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForCausalLM
 
 from services.generation.backend import GenerationBackend
@@ -28,6 +27,7 @@ from shared import codec
 from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc, tensor_pb2, trainer_pb2, trainer_pb2_grpc
 from shared.types import RolloutBatch
 from shared.weights import assemble
+from tests.helpers import forward_logprobs, sample_tokens
 from tests.service.grpc_helpers import expect_status, health_status, running
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -60,31 +60,16 @@ def initial_policy(tiny_policy_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
 
 
-@torch.no_grad()
-def _logprobs(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
-    """(R,) log pi(response_t | prompt, response_<t) from one unpadded forward."""
-    logits = model(torch.cat([prompt, response])[None]).logits[0, prompt.numel() - 1 : -1]
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, response[:, None]).squeeze(-1)
-
-
-@torch.no_grad()
-def _sample(model, prompt: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
-    """(length,) tokens sampled from the model at temperature 1."""
-    ids = prompt
-    for _ in range(length):
-        probs = torch.softmax(model(ids[None]).logits[0, -1].float(), dim=-1)
-        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)])
-    return ids[prompt.numel() :]
-
-
 @pytest.fixture(scope="module")
 def rollout(initial_policy) -> RolloutBatch:
     """Six samples from the initial policy: prompts of 1..5 tokens, responses of 2..6 tokens (padding matters)."""
     generator = torch.Generator().manual_seed(0)
     vocab = initial_policy.config.vocab_size
     prompts = [torch.randint(FIRST_ORDINARY_ID, vocab, (n,), generator=generator) for n in (1, 3, 5, 2, 4, 3)]
-    responses = [_sample(initial_policy, p, n, generator) for p, n in zip(prompts, (2, 6, 3, 5, 4, 6), strict=True)]
-    logprobs = [_logprobs(initial_policy, p, r) for p, r in zip(prompts, responses, strict=True)]
+    responses = [
+        sample_tokens(initial_policy, p, n, generator) for p, n in zip(prompts, (2, 6, 3, 5, 4, 6), strict=True)
+    ]
+    logprobs = [forward_logprobs(initial_policy, p, r) for p, r in zip(prompts, responses, strict=True)]
     return RolloutBatch(
         prompt_ids=prompts,
         response_ids=responses,
@@ -243,7 +228,7 @@ async def _served(stub, prompts):
 
 def _assert_logprobs_of(model, rows) -> None:
     for prompt, response, logprobs in rows:
-        torch.testing.assert_close(logprobs, _logprobs(model, prompt, response), atol=1e-4, rtol=0)
+        torch.testing.assert_close(logprobs, forward_logprobs(model, prompt, response), atol=1e-4, rtol=0)
 
 
 async def test_generation_pulls_the_trained_policy(config, backend, rollout, tiny_policy_dir, initial_policy):
@@ -282,7 +267,7 @@ async def test_generation_pulls_the_trained_policy(config, backend, rollout, tin
     assert result.bytes == sum(t.numel() * t.element_size() for t in trained.values())
     _assert_logprobs_of(_model_with(tiny_policy_dir, trained), after)
     # The pull changed what is served (so the check above is not passing on the initial weights)...
-    assert max(float((lp - _logprobs(initial_policy, p, r)).abs().max()) for p, r, lp in after) > 1e-3
+    assert max(float((lp - forward_logprobs(initial_policy, p, r)).abs().max()) for p, r, lp in after) > 1e-3
     # ...and the refused pull afterwards did not.
     for (_, response, logprobs), (_, response_again, logprobs_again) in zip(after, again, strict=True):
         assert torch.equal(response, response_again) and torch.equal(logprobs, logprobs_again)
@@ -418,20 +403,6 @@ async def test_checkpoint_round_trip_through_the_rpcs(config, backend, rollout, 
 # --------------------------------------------------------------------------------------------------------------
 # Health and reflection
 # --------------------------------------------------------------------------------------------------------------
-
-
-async def test_reflection_lists_the_service(config, backend):
-    server, _ = await build_server(config, backend)
-    async with running(server) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-
-        async def requests():
-            yield reflection_pb2.ServerReflectionRequest(list_services="")
-
-        names = []
-        async for response in stub.ServerReflectionInfo(requests(), timeout=10):
-            names = [s.name for s in response.list_services_response.service]
-    assert SERVICE_NAME == "rlhf.v1.Trainer" and SERVICE_NAME in names
 
 
 async def test_without_a_backend_the_service_is_not_serving(config, backend, rollout):

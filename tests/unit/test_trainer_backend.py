@@ -28,6 +28,7 @@ from services.trainer.backend import (
 )
 from shared.modeling import ModelConfig, load_causal_lm, load_sequence_classifier
 from shared.types import RolloutBatch
+from tests.helpers import forward_logprobs, sample_tokens
 
 FIRST_ORDINARY_ID = 4  # ids 0..3 are <pad>, <s>, </s>, <unk>
 
@@ -47,34 +48,17 @@ def _backend(policy_dir: Path, critic: CriticConfig | None = None, **ppo: object
     return TrainerBackend(ModelConfig(path=str(policy_dir)), critic or CriticConfig(), PPOConfig(**ppo))
 
 
-@torch.no_grad()
-def _logprobs(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
-    """(R,) log pi(response_t | prompt, response_<t) from one unpadded forward."""
-    logits = model(torch.cat([prompt, response])[None]).logits[0, prompt.numel() - 1 : -1]
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, response[:, None]).squeeze(-1)
-
-
-@torch.no_grad()
-def _sample(model, prompt: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
-    """(length,) tokens sampled from the model at temperature 1."""
-    ids = prompt
-    for _ in range(length):
-        probs = torch.softmax(model(ids[None]).logits[0, -1].float(), dim=-1)
-        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)])
-    return ids[prompt.numel() :]
-
-
 def _random_ids(length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(FIRST_ORDINARY_ID, vocab, (length,), generator=generator)
 
 
 def _batch(model, prompts, responses, scores, reference=None) -> RolloutBatch:
     """Generation log-probs from ``model``; reference log-probs from ``reference`` (default: the same: KL 0)."""
-    generation = [_logprobs(model, p, r) for p, r in zip(prompts, responses, strict=True)]
+    generation = [forward_logprobs(model, p, r) for p, r in zip(prompts, responses, strict=True)]
     ref = (
         generation
         if reference is None
-        else [_logprobs(reference, p, r) for p, r in zip(prompts, responses, strict=True)]
+        else [forward_logprobs(reference, p, r) for p, r in zip(prompts, responses, strict=True)]
     )
     return RolloutBatch(
         prompt_ids=list(prompts),
@@ -216,7 +200,7 @@ def test_kl_penalty_pulls_policy_toward_reference(tiny_policy_dir, tmp_path):
     before = _exact_kl(backend.policy, reference, probes)
     for _ in range(6):
         prompts = [_random_ids(2, vocab, generator) for _ in range(8)]
-        responses = [_sample(backend.policy, p, 6, generator) for p in prompts]
+        responses = [sample_tokens(backend.policy, p, 6, generator) for p in prompts]
         backend.train_step(_batch(backend.policy, prompts, responses, torch.zeros(8), reference=reference))
     after = _exact_kl(backend.policy, reference, probes)
     assert before > 1.0
