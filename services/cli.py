@@ -1,4 +1,5 @@
-"""The ``rlhf`` command: ``rlhf serve generation|reward|reference|trainer`` and ``rlhf orchestrator``.
+"""The ``rlhf`` command: ``rlhf serve generation|reward|reference|trainer``, ``rlhf orchestrator``,
+``rlhf train sft|reward|dpo`` and ``rlhf pipeline``.
 
 Each takes ``--config FILE`` (YAML) and one flag per config field (``--server.port 50051``) overriding it.
 """
@@ -14,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from shared.config import ConfigError, add_config_flags, config_from_args
+from shared.config import ConfigError, DataError, add_config_flags, config_from_args
 from shared.logs import setup_logging
 
 # Imported lazily: the orchestrator never needs torch, and each role loads only its own code.
@@ -23,6 +24,12 @@ ROLE_MODULES = {
     "reward": "services.reward.servicer",
     "reference": "services.reference.servicer",
     "trainer": "services.trainer.servicer",
+}
+
+JOB_MODULES = {
+    "sft": "services.training.sft",
+    "reward": "services.training.reward",
+    "dpo": "services.training.dpo",
 }
 
 log = logging.getLogger("rlhf")
@@ -62,6 +69,20 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         from services.orchestrator.config import OrchestratorConfig
 
         add_config_flags(orchestrator, OrchestratorConfig)
+    train = commands.add_parser("train", help="a training job: SFT, reward model, DPO")
+    jobs = train.add_subparsers(dest="job", required=True)
+    chosen_job = argv[1] if len(argv) > 1 and argv[0] == "train" else None
+    for name in JOB_MODULES:
+        sub = jobs.add_parser(name, help=f"the {name} job")
+        sub.add_argument("--log-level", default="INFO")
+        if name == chosen_job:
+            add_config_flags(sub, importlib.import_module(JOB_MODULES[name]).JOB.config_type)
+    pipeline = commands.add_parser("pipeline", help="pretrain -> SFT -> preferences -> RM -> PPO -> DPO -> report")
+    pipeline.add_argument("--log-level", default="WARNING")
+    if argv[:1] == ["pipeline"]:
+        from services.pipeline.config import PipelineConfig
+
+        add_config_flags(pipeline, PipelineConfig)
     return parser
 
 
@@ -92,11 +113,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             _serve(args)
+        elif args.command == "train":
+            job = importlib.import_module(JOB_MODULES[args.job]).JOB
+            config = config_from_args(job.config_type, args)
+            setup_logging(f"train-{job.name}", args.log_level)
+            result = job.run(config)
+            print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2, default=str))
+        elif args.command == "pipeline":
+            from services.pipeline.config import PipelineConfig
+            from services.pipeline.run import run_pipeline
+
+            config = config_from_args(PipelineConfig, args)
+            setup_logging("pipeline", args.log_level)
+            summary = run_pipeline(config)
+            print(f"\nreport: {Path(config.runs_dir) / summary['run_id'] / 'report.md'}")
         else:
             from services.orchestrator.app import run_orchestrator
 
             run_orchestrator(args)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:  # bad input: a message naming the field or file:line, no traceback
         print(f"rlhf: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -19,9 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from services.launcher import Launcher, LaunchError
+from services.launcher import Launcher, LaunchError, follow_run, start_stack
 from shared.tiny_models import build_policy, pretrain, prompts
 
 DEMO_PPO = {
@@ -57,24 +55,6 @@ def service_configs(policy: Path) -> dict[str, dict]:
     }
 
 
-def start_stack(launcher: Launcher, policy: Path, orchestrator: dict | None = None) -> tuple[dict, str]:
-    """Starts the four services, waits until each serves, then the orchestrator pointed at them.
-
-    Returns the service processes by role and the control API's URL.
-    """
-    services = {name: launcher.start(name, ["serve", name], cfg) for name, cfg in service_configs(policy).items()}
-    for service in services.values():
-        service.wait_ready(180)
-    peers = {
-        "generation": [services["generation"].address],
-        **{role: services[role].address for role in ("reward", "reference", "trainer")},
-    }
-    process = launcher.start(
-        "orchestrator", ["orchestrator"], {"peers": peers, "api": {"port": 0}, **(orchestrator or {})}
-    )
-    return services, f"http://127.0.0.1:{process.wait_ready(60)['port']}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=40)
@@ -91,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     with Launcher(work) as launcher:
         print(f"starting 4 services + orchestrator (configs and logs in {work})")
         try:
-            services, api = start_stack(launcher, policy)
+            services, api = start_stack(launcher, service_configs(policy))
             for service in services.values():
                 print(f"  {service.name:<12} pid {service.process.pid:<7} gRPC {service.address}")
             print(f"  {'orchestrator':<12} control API {api}")
@@ -116,31 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = status["summary"]
     print_summary(summary, args.runs_dir / run_id / "summary.json", time.perf_counter() - started)
     return 0
-
-
-def follow_run(api: str, run: dict) -> dict:
-    """Starts the run via POST /runs and prints each iteration as GET /runs/{id} reports it."""
-    with httpx.Client(base_url=api, timeout=30) as client:
-        response = client.post("/runs", json=run)
-        response.raise_for_status()
-        run_id = response.json()["run_id"]
-        print(f"run {run_id}: {run['iterations']} PPO iterations x {run['prompts_per_iteration']} prompts")
-        print(f"{'iter':>5} {'reward':>7} {'KL':>6} {'beta':>7} {'len':>5} {'version':>7} {'s/it':>5}  sample")
-        shown = 0
-        while True:
-            status = client.get(f"/runs/{run_id}").json()
-            for record in status["stats"][shown:]:
-                sample = (record["example"]["prompt"] + " ->" + record["example"]["response"]).replace("\n", " ")
-                print(
-                    f"{record['iteration']:>5} {record['reward_mean']:>7.3f} {record['kl']:>6.2f} "
-                    f"{record['kl_coef']:>7.4f} {record['response_length_mean']:>5.1f} {record['policy_version']:>7} "
-                    f"{record['wall_seconds']:>5.2f}  {sample[:60]}",
-                    flush=True,
-                )
-            shown = len(status["stats"])
-            if status["state"] in ("completed", "stopped", "failed"):
-                return status
-            time.sleep(0.5)
 
 
 def print_summary(summary: dict, path: Path, wall: float) -> None:

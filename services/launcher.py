@@ -106,3 +106,52 @@ class Launcher:
 
     def __exit__(self, *exc) -> None:
         self.stop_all()
+
+
+def start_stack(
+    launcher: Launcher, service_configs: dict[str, dict], orchestrator: dict | None = None
+) -> tuple[dict[str, ServiceProcess], str]:
+    """Starts the four services (configs by role), waits until each serves, then the orchestrator pointed at them.
+
+    Returns the service processes by role and the control API's URL.
+    """
+    services = {name: launcher.start(name, ["serve", name], cfg) for name, cfg in service_configs.items()}
+    for service in services.values():
+        service.wait_ready(180)
+    peers = {
+        "generation": [services["generation"].address],
+        **{role: services[role].address for role in ("reward", "reference", "trainer")},
+    }
+    config = {"peers": peers, "api": {"port": 0}, **(orchestrator or {})}
+    process = launcher.start("orchestrator", ["orchestrator"], config)
+    return services, f"http://127.0.0.1:{process.wait_ready(60)['port']}"
+
+
+def follow_run(api: str, run: dict, quiet: bool = False) -> dict:
+    """Starts a run via POST /runs and prints each iteration as GET /runs/{id} reports it; returns the final status."""
+    import httpx
+
+    with httpx.Client(base_url=api, timeout=30) as client:
+        response = client.post("/runs", json=run)
+        response.raise_for_status()
+        run_id = response.json()["run_id"]
+        if not quiet:
+            print(f"run {run_id}: {run['iterations']} PPO iterations x {run['prompts_per_iteration']} prompts")
+            print(f"{'iter':>5} {'reward':>7} {'KL':>6} {'beta':>7} {'len':>5} {'version':>7} {'s/it':>5}  sample")
+        shown = 0
+        while True:
+            status = client.get(f"/runs/{run_id}").json()
+            for record in status["stats"][shown:]:
+                if quiet:
+                    continue
+                sample = (record["example"]["prompt"] + " ->" + record["example"]["response"]).replace("\n", " ")
+                print(
+                    f"{record['iteration']:>5} {record['reward_mean']:>7.3f} {record['kl']:>6.2f} "
+                    f"{record['kl_coef']:>7.4f} {record['response_length_mean']:>5.1f} {record['policy_version']:>7} "
+                    f"{record['wall_seconds']:>5.2f}  {sample[:60]}",
+                    flush=True,
+                )
+            shown = len(status["stats"])
+            if status["state"] in ("completed", "stopped", "failed"):
+                return status
+            time.sleep(0.5)

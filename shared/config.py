@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """A config file or flag that does not validate; the message names the field."""
 
 
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and, for a bad row, its line."""
+
+
 def _leaf_paths(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
     paths = []
     for name, field in model.model_fields.items():
@@ -47,10 +51,13 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
         choices = ""
         if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
             choices = " one of: " + ", ".join(str(m.value) for m in annotation)
-        default = field.default if field.default is not None else "none"
-        if isinstance(default, enum.Enum):
-            default = default.value
-        help_text = f"{field.description or ''}{choices} (default: {default})".strip()
+        if field.is_required():
+            shown = "required"
+        else:
+            default = field.get_default(call_default_factory=True)
+            default = default.value if isinstance(default, enum.Enum) else default
+            shown = f"default: {'none' if default is None else default}"
+        help_text = f"{field.description or ''}{choices} ({shown})".strip()
         group.add_argument(f"--{path}", dest=f"cfg::{path}", default=None, metavar="V", help=help_text)
 
 

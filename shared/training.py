@@ -17,13 +17,9 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from shared.config import StrictModel
+from shared.config import DataError, StrictModel
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the file and, for a bad row, its line."""
 
 
 class OptimConfig(StrictModel):
@@ -52,10 +48,13 @@ def read_rows(path: Path | str) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
+    parsed: list[dict] | None = None
     if suffix in (".jsonl", ".json"):
+        parsed = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if suffix == ".json" and number == 1 and line.lstrip().startswith("["):
-                break  # a JSON array file, not JSON lines
+                parsed = None  # a JSON array file, not JSON lines
+                break
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -63,6 +62,7 @@ def read_rows(path: Path | str) -> list[dict]:
                     raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                parsed.append(row)
         builder = "json"
     elif suffix == ".parquet":
         builder = "parquet"
@@ -71,7 +71,14 @@ def read_rows(path: Path | str) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
-    dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:
+        if parsed is not None:
+            # Arrow could not give a column one type (e.g. a number where text belongs): the rows as parsed go to
+            # the job's own checks, which name the offending line.
+            return parsed
+        raise DataError(f"{path}: could not be read ({type(exc).__name__}: {exc})") from None
     return list(dataset)
 
 
@@ -88,10 +95,12 @@ def row_location(path: Path | str, index: int) -> str:
     return f"{path}:row {index + 1}"
 
 
-def require_text(path: Path | str, index: int, row: dict, field: str) -> str:
+def require_text(path: Path | str, index: int, row: dict, field: str, allow_empty: bool = False) -> str:
+    """The string ``row[field]``; empty allowed only where it means something (an empty response is a response)."""
     value = row.get(field)
-    if not isinstance(value, str) or not value:
-        raise DataError(f"{row_location(path, index)}: '{field}' must be a non-empty string")
+    if not isinstance(value, str) or not (value or allow_empty):
+        kind = "a string" if allow_empty else "a non-empty string"
+        raise DataError(f"{row_location(path, index)}: '{field}' must be {kind}")
     return value
 
 

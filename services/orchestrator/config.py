@@ -51,6 +51,9 @@ class RunConfig(StrictModel):
     runs_dir: str = Field("runs", description="run outputs go to runs_dir/<run-id>/")
     run_id: str = Field("", description="empty = generated from the time")
     checkpoint_at_end: bool = Field(False, description="ask the trainer to save a checkpoint after the last iteration")
+    record_rollouts: bool = Field(
+        False, description="write every sample (prompt, response, score) to runs_dir/<run-id>/rollouts.jsonl"
+    )
 
 
 class ApiConfig(StrictModel):

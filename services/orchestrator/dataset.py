@@ -6,9 +6,11 @@ import json
 import random
 from pathlib import Path
 
+from shared.config import DataError
 
-class DatasetError(ValueError):
-    """A dataset file that cannot be used; the message names the file and line."""
+
+class DatasetError(DataError):
+    """A prompt file that cannot be used; the message names the file and line."""
 
 
 def load_prompts(path: Path | str) -> list[str]:

@@ -133,6 +133,12 @@ class RLHFLoop:
         stats = await self.clients.trainer.train_step(rollouts, scores, reference_logprobs)
         phases["train"] = time.perf_counter() - t2
         t3 = time.perf_counter()
+        if self.config.record_rollouts:
+            with (self.run_dir / "rollouts.jsonl").open("a") as handle:
+                for prompt, text, score in zip(rollouts.prompts, rollouts.texts, scores, strict=True):
+                    handle.write(
+                        json.dumps({"iteration": iteration, "prompt": prompt, "response": text, "score": score}) + "\n"
+                    )
         sync = await self.clients.generation.sync_weights(stats.policy_version)
         phases["weight_sync"] = time.perf_counter() - t3
         if sync.version != stats.policy_version:

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from pydantic import Field, ValidationError
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from services.reward.config import RewardConfig
+from shared.config import StrictModel
 from shared.errors import InvalidInput
-from shared.modeling import load_sequence_classifier, load_tokenizer
+from shared.modeling import ModelConfig, load_sequence_classifier, load_tokenizer
 from shared.validation import check_batch_size
+
+log = logging.getLogger(__name__)
+
+NORMALIZATION_FILE = "reward_normalization.json"
 
 
 class RewardBackend(Protocol):
@@ -50,29 +60,91 @@ class FunctionRewardBackend:
         return scores
 
 
+class RewardNormalization(StrictModel):
+    """Mean and std of the reward over the training texts, written by the reward job (``NORMALIZATION_FILE``)."""
+
+    mean: float
+    std: float = Field(gt=0)
+    count: int = Field(ge=1, description="texts the statistics were computed on")
+
+    @classmethod
+    def read(cls, model_dir: Path | str) -> RewardNormalization | None:
+        """The statistics stored beside a reward model; None when the directory has none."""
+        path = Path(model_dir) / NORMALIZATION_FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except (json.JSONDecodeError, ValidationError) as exc:
+            raise ValueError(f"{path}: not a valid reward normalization ({exc})") from None
+
+
+def load_reward_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A ``num_labels=1`` sequence classifier (a fresh head when ``config.path`` is a causal LM) and its tokenizer,
+    with the model's pad id set to the tokenizer's: the score is read at the last non-pad token."""
+    tokenizer = load_tokenizer(config, padding_side="right")
+    model = load_sequence_classifier(config)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def reward_forward(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], max_length: int
+) -> torch.Tensor:
+    """(B,) scores of ``prompt + response`` texts, right-padded and truncated to ``max_length`` tokens.
+
+    The one definition of what a reward model reads: the reward service scores with it and the reward-model job
+    trains with it (gradients flow unless the caller disables them).
+    """
+    encoded = tokenizer(
+        [prompt + response for prompt, response in pairs],
+        padding=True,
+        padding_side="right",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    ).to(model.device)
+    return model(**encoded).logits[:, 0]  # (B, 1) -> (B,)
+
+
+@torch.no_grad()
+def score_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[tuple[str, str]],
+    max_length: int,
+    micro_batch_size: int,
+) -> list[float]:
+    """Raw scores of ``pairs`` in micro-batches of ``micro_batch_size``."""
+    scores: list[float] = []
+    for start in range(0, len(pairs), micro_batch_size):
+        chunk = pairs[start : start + micro_batch_size]
+        scores.extend(reward_forward(model, tokenizer, chunk, max_length).float().cpu().tolist())
+    return scores
+
+
 class ModelRewardBackend:
-    """``AutoModelForSequenceClassification(num_labels=1)`` on prompt + response text, with its own tokenizer."""
+    """``AutoModelForSequenceClassification(num_labels=1)`` on prompt + response text, with its own tokenizer;
+    scores centred with the model's ``reward_normalization.json`` when it has one and ``normalize`` is on."""
 
     def __init__(self, config: RewardConfig):
         self.config = config
-        self.tokenizer = load_tokenizer(config.model, padding_side="right")
-        self.model = load_sequence_classifier(config.model).eval()
-        self.model.requires_grad_(False)
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.device = next(self.model.parameters()).device
+        self.model, self.tokenizer = load_reward_model(config.model)
+        self.model.eval().requires_grad_(False)
+        self.normalization = RewardNormalization.read(config.model.path) if config.normalize else None
+        if config.normalize and self.normalization is None:
+            log.info("%s has no %s: serving raw scores", config.model.path, NORMALIZATION_FILE)
+        elif self.normalization is not None:
+            log.info(
+                "serving normalized scores: (score - %.4g) / %.4g", self.normalization.mean, self.normalization.std
+            )
 
-    @torch.no_grad()
     def score(self, pairs: list[tuple[str, str]]) -> list[float]:
-        scores: list[float] = []
-        size = self.config.micro_batch_size
-        for start in range(0, len(pairs), size):
-            texts = [prompt + response for prompt, response in pairs[start : start + size]]
-            encoded = self.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
-            ).to(self.device)
-            logits = self.model(**encoded).logits  # (B, 1)
-            scores.extend(logits[:, 0].float().cpu().tolist())
-        return scores
+        scores = score_pairs(self.model, self.tokenizer, pairs, self.config.max_length, self.config.micro_batch_size)
+        if self.normalization is None:
+            return scores
+        mean, std = self.normalization.mean, self.normalization.std
+        return [(score - mean) / std for score in scores]
 
 
 def load_backend(config: RewardConfig) -> RewardBackend:

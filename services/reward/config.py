@@ -20,6 +20,11 @@ class RewardConfig(StrictModel):
     micro_batch_size: int = Field(32, ge=1, description="pairs per forward pass")
     max_batch: int = Field(4096, ge=1, description="most pairs accepted in one request")
     max_length: int = Field(1024, ge=8, description="prompt + response tokens kept (longer text is truncated)")
+    normalize: bool = Field(
+        True,
+        description="serve (score - mean) / std with the mean and std in the model directory's "
+        "reward_normalization.json (written by the reward-model job); raw scores when the file is absent",
+    )
 
     @model_validator(mode="after")
     def _one_scorer(self):

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from services.demo import start_stack
-from services.launcher import Launcher
+from services.demo import service_configs
+from services.launcher import Launcher, start_stack
 from shared.tiny_models import prompts
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +25,7 @@ def stack(pretrained_policy_dir, tmp_path_factory):
     """Every role as its own process; yields (launcher, api url, services)."""
     work = tmp_path_factory.mktemp("e2e")
     with Launcher(work / "processes") as launcher:
-        services, api = start_stack(launcher, pretrained_policy_dir, {"rpc": {"wait_ready_s": 60}})
+        services, api = start_stack(launcher, service_configs(pretrained_policy_dir), {"rpc": {"wait_ready_s": 60}})
         yield launcher, api, services, work
 
 

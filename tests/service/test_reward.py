@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 
 import grpc
 import pytest
@@ -10,7 +12,7 @@ import torch
 from grpc_health.v1 import health_pb2
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from services.reward.backend import load_backend
+from services.reward.backend import NORMALIZATION_FILE, load_backend
 from services.reward.config import RewardConfig
 from services.reward.functions import positive_word_share
 from services.reward.servicer import SERVICE_NAME, build_server
@@ -85,3 +87,21 @@ async def test_bad_requests_and_config(tiny_reward_dir, tmp_path):
     bad_yaml.write_text("function: a:b\nmicro_batch_size: -1\n")
     with pytest.raises(ConfigError, match="micro_batch_size"):
         load_config(RewardConfig, bad_yaml)
+
+
+async def test_normalization_file_centres_served_scores(tiny_reward_dir, tmp_path):
+    model_dir = tmp_path / "reward-model"
+    shutil.copytree(tiny_reward_dir, model_dir)
+    raw_config = RewardConfig.model_validate({"model": {"path": str(model_dir)}, "normalize": False})
+    raw = await _score(raw_config, PAIRS)
+    mean, std = raw.mean().item(), raw.std(correction=0).item()
+    (model_dir / NORMALIZATION_FILE).write_text(json.dumps({"mean": mean, "std": std, "count": len(PAIRS)}))
+
+    centred = await _score(raw_config.model_copy(update={"normalize": True}), PAIRS)
+    torch.testing.assert_close(centred, (raw - mean) / std)
+    assert abs(centred.mean().item()) < 1e-5 and abs(centred.std(correction=0).item() - 1) < 1e-5
+    torch.testing.assert_close(await _score(raw_config, PAIRS), raw)  # normalize=false ignores the file
+
+    (model_dir / NORMALIZATION_FILE).write_text(json.dumps({"mean": 0.0, "std": 0.0, "count": 3}))
+    with pytest.raises(ValueError, match=f"{NORMALIZATION_FILE}: not a valid reward normalization"):
+        load_backend(raw_config.model_copy(update={"normalize": True}))

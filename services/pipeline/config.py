@@ -1,0 +1,94 @@
+"""Typed config of ``rlhf pipeline``: every stage's settings, with defaults that run the built-in task on a
+laptop CPU in a few minutes."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.config import StrictModel
+from shared.training import OptimConfig
+
+
+def _optim(**kwargs) -> OptimConfig:
+    return OptimConfig.model_validate(kwargs)
+
+
+class PretrainStage(StrictModel):
+    base_model: str = Field("", description="a causal LM to start from; empty = build the tiny built-in one")
+    steps: int = Field(300, ge=0, description="next-token training steps on the built-in corpus (tiny model only)")
+
+
+class SFTStage(StrictModel):
+    demonstrations: int = Field(2000, ge=10, description="prompt/completion rows generated from the task")
+    optim: OptimConfig = Field(
+        default_factory=lambda: _optim(
+            learning_rate=2e-3, batch_size=32, micro_batch_size=32, epochs=1.0, eval_fraction=0.1, log_every=20
+        )
+    )
+
+
+class PreferenceStage(StrictModel):
+    prompts: int = Field(600, ge=10, description="training prompts to sample candidates for")
+    samples_per_prompt: int = Field(2, ge=2, description="candidates per prompt; K > 2 gives a ranking")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    labeler_temperature: float = Field(
+        1.0, gt=0, description="simulated labeler noise: P(a) = sigmoid((gold_a - gold_b) / T)"
+    )
+
+
+class RewardModelStage(StrictModel):
+    optim: OptimConfig = Field(
+        default_factory=lambda: _optim(
+            learning_rate=1e-3, batch_size=32, micro_batch_size=32, epochs=2.0, eval_fraction=0.15, log_every=20
+        )
+    )
+
+
+class PPOStage(StrictModel):
+    iterations: int = Field(40, ge=1)
+    prompts_per_iteration: int = Field(32, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    ppo: dict = Field(
+        default_factory=lambda: {
+            "learning_rate": 3e-4,
+            "ppo_epochs": 4,
+            "minibatch_size": 16,
+            "micro_batch_size": 16,
+            "kl": {"mode": "adaptive", "init_coef": 0.1, "target": 4.0, "horizon": 256},
+        },
+        description="the trainer's ppo section (services.trainer.backend.PPOConfig)",
+    )
+    without_kl: bool = Field(
+        False, description="also run PPO with beta = 0, to show reward hacking (proxy up, gold behind)"
+    )
+
+
+class DPOStage(StrictModel):
+    beta: float = Field(0.1, gt=0)
+    optim: OptimConfig = Field(
+        default_factory=lambda: _optim(
+            learning_rate=5e-4, batch_size=32, micro_batch_size=32, epochs=2.0, eval_fraction=0.1, log_every=20
+        )
+    )
+
+
+class EvaluationStage(StrictModel):
+    prompts: int = Field(256, ge=10, description="held-out prompts (never used in training)")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    examples: int = Field(6, ge=0, description="prompts whose generations the report shows side by side")
+
+
+class PipelineConfig(StrictModel):
+    run_id: str = Field("", description="empty = generated from the time")
+    runs_dir: str = Field("runs", description="everything goes to runs_dir/<run-id>/")
+    seed: int = 0
+    cpu_threads: int = Field(1, ge=0, description="torch CPU threads per process (see ModelConfig.cpu_threads)")
+    pretrain: PretrainStage = Field(default_factory=PretrainStage)
+    sft: SFTStage = Field(default_factory=SFTStage)
+    preferences: PreferenceStage = Field(default_factory=PreferenceStage)
+    reward_model: RewardModelStage = Field(default_factory=RewardModelStage)
+    ppo: PPOStage = Field(default_factory=PPOStage)
+    dpo: DPOStage = Field(default_factory=DPOStage)
+    evaluation: EvaluationStage = Field(default_factory=EvaluationStage)
