@@ -7,7 +7,7 @@ GEN_STAMP := shared/proto/rlhf/v1/.stamp
 VENV_STAMP := .venv/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv proto demo test test-fast lint format bench lock clean
+.PHONY: all venv proto demo demo-ppo test lint format lock clean
 
 all: test
 
@@ -31,7 +31,13 @@ $(GEN_STAMP): $(PROTOS) $(VENV_STAMP)
 
 proto: $(GEN_STAMP)
 
+# The whole pipeline on the built-in task: pretrain, SFT, preferences, reward model, PPO (with and without the KL
+# penalty) through the services, DPO, evaluation; writes runs/<run-id>/report.md and summary.json.
 demo: $(GEN_STAMP)
+	$(PY) -m services.cli pipeline --ppo.without_kl true
+
+# The PPO stage alone: the four services and the orchestrator on a rule-based reward.
+demo-ppo: $(GEN_STAMP)
 	$(PY) -m services.demo
 
 test: $(GEN_STAMP)

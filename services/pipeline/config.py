@@ -29,7 +29,7 @@ class SFTStage(StrictModel):
 
 class PreferenceStage(StrictModel):
     prompts: int = Field(600, ge=10, description="training prompts to sample candidates for")
-    samples_per_prompt: int = Field(2, ge=2, description="candidates per prompt; K > 2 gives a ranking")
+    samples_per_prompt: int = Field(4, ge=2, description="candidates per prompt; every pair of them is labelled")
     max_new_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, gt=0)
     labeler_temperature: float = Field(
@@ -40,7 +40,7 @@ class PreferenceStage(StrictModel):
 class RewardModelStage(StrictModel):
     optim: OptimConfig = Field(
         default_factory=lambda: _optim(
-            learning_rate=1e-3, batch_size=32, micro_batch_size=32, epochs=2.0, eval_fraction=0.15, log_every=20
+            learning_rate=1e-3, batch_size=8, micro_batch_size=8, epochs=2.0, eval_fraction=0.15, log_every=20
         )
     )
 
@@ -68,7 +68,7 @@ class DPOStage(StrictModel):
     beta: float = Field(0.1, gt=0)
     optim: OptimConfig = Field(
         default_factory=lambda: _optim(
-            learning_rate=5e-4, batch_size=32, micro_batch_size=32, epochs=2.0, eval_fraction=0.1, log_every=20
+            learning_rate=5e-4, batch_size=8, micro_batch_size=8, epochs=3.0, eval_fraction=0.1, log_every=20
         )
     )
 

@@ -109,7 +109,7 @@ def write_report(root: Path, summary: dict) -> Path:
         "",
         f"Reward model: held-out pair accuracy {rm['pair_accuracy']:.3f} (before training "
         f"{rm.get('pair_accuracy_first', float('nan')):.3f}), on {rm.get('eval_pairs', '?')} pairs; "
-        f"{prefs.get('pairs', '?')} labelled pairs, whose labels agree with the gold ranking on "
+        f"{prefs.get('pairs', '?')} labelled pairs; where the gold reward differs, the labels agree with it on "
         f"{prefs.get('gold_agreement', float('nan')):.1%} (the simulated labeler is noisy by design).",
         "",
         "KL to SFT: sum over response tokens of log pi - log pi_sft on the policy's own samples (k1), mean over "
@@ -129,11 +129,24 @@ def write_report(root: Path, summary: dict) -> Path:
             f"{s['reward_mean_last']:.3f}, KL last {s['kl_last']:.2f} nats/seq, beta last {s['kl_coef_last']:.4f}, "
             f"{s['seconds_per_iteration']:.2f} s per iteration."
         )
-    if "ppo_no_kl" in ppo_runs:
+    if "ppo_no_kl" in ppo_runs and "ppo" in policies and "ppo_no_kl" in policies:
+        with_kl, without = policies["ppo"], policies["ppo_no_kl"]
+        hacked = (
+            without["proxy_reward_mean"] > with_kl["proxy_reward_mean"]
+            and without["gold_reward_mean"] < with_kl["gold_reward_mean"]
+        )
+        verdict = (
+            "reward hacking: the proxy reward is higher without the penalty while the gold reward is lower"
+            if hacked
+            else "no reward hacking at this scale: the reward model and the gold reward still agree on what the "
+            "policy found"
+        )
         lines += [
             "",
-            "Without the KL penalty (beta = 0) the proxy reward can keep rising while the gold reward "
-            "falls behind: the policy optimises what the reward model rewards, not what the labels meant.",
+            f"Without the KL penalty (beta = 0): proxy {without['proxy_reward_mean']:.3f} vs "
+            f"{with_kl['proxy_reward_mean']:.3f} with it, gold {without['gold_reward_mean']:.3f} vs "
+            f"{with_kl['gold_reward_mean']:.3f}, KL to SFT {without['kl_to_sft']:.1f} vs {with_kl['kl_to_sft']:.1f} "
+            f"nats/seq: {verdict}.",
         ]
     lines += ["", "## Samples (held-out prompts)", ""]
     names = [n for n in ORDER if n in policies]

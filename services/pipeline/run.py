@@ -186,13 +186,20 @@ class Pipeline:
                 if texts[a] != texts[b]
             )
         rows = preference_rows(comparisons, labeler.label(comparisons))
-        agree = sum(
-            task.gold_reward(r["prompt"], r["chosen"]) > task.gold_reward(r["prompt"], r["rejected"]) for r in rows
-        ) / max(1, len(rows))
-        self.results["preferences"] = {"prompts": len(prompts), "pairs": len(rows), "gold_agreement": agree}
+        differences = [
+            task.gold_reward(r["prompt"], r["chosen"]) - task.gold_reward(r["prompt"], r["rejected"]) for r in rows
+        ]
+        decided = [d for d in differences if d != 0]
+        agree = sum(d > 0 for d in decided) / max(1, len(decided))
+        self.results["preferences"] = {
+            "prompts": len(prompts),
+            "pairs": len(rows),
+            "gold_ties": len(differences) - len(decided),
+            "gold_agreement": agree,
+        }
         print(
-            f"{len(rows)} labelled pairs from {len(prompts)} prompts; the labels agree with the gold ranking on "
-            f"{agree:.1%} (noise by design)"
+            f"{len(rows)} labelled pairs from {len(prompts)} prompts; where the gold reward differs, the labels "
+            f"agree with it on {agree:.1%} (the simulated labeler is noisy by design)"
         )
         return _write_jsonl(self.root / "data" / "preferences.jsonl", rows)
 

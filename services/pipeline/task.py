@@ -37,9 +37,10 @@ def gold_rewards(prompts: list[str], responses: list[str]) -> list[float]:
     return [gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
-def _split_sentence(sentence: str, rng: random.Random) -> tuple[str, str]:
+def _split_sentence(sentence: str) -> tuple[str, str]:
+    """Cuts right before the first sentiment word: the continuation decides whether the sentence is positive."""
     words = sentence.split(" ")
-    cut = rng.randint(2, max(2, min(4, len(words) - 2)))
+    cut = next(i for i, w in enumerate(words) if w.strip(".") in _POSITIVE | _NEGATIVE)
     return " ".join(words[:cut]), " " + " ".join(words[cut:])
 
 
@@ -49,15 +50,13 @@ def demonstrations(count: int, seed: int) -> list[dict]:
     The corpus mixes positive and negative sentences evenly, so the SFT model writes fluent text of either
     sentiment: the preferences and RL are what move it.
     """
-    rng = random.Random(seed)
-    return [dict(zip(("prompt", "completion"), _split_sentence(s, rng), strict=True)) for s in corpus(count, seed)]
+    return [dict(zip(("prompt", "completion"), _split_sentence(s), strict=True)) for s in corpus(count, seed)]
 
 
 def prompt_pool(seed: int) -> list[str]:
-    """Every distinct opener the corpus can start with, shuffled: 2-4 word prefixes of its sentences."""
-    rng = random.Random(seed)
-    openers = sorted({_split_sentence(s, rng)[0] for s in corpus(20000, seed + 1)})
-    rng.shuffle(openers)
+    """Every distinct opener the corpus can start with (its sentences up to the first sentiment word), shuffled."""
+    openers = sorted({_split_sentence(s)[0] for s in corpus(20000, seed + 1)})
+    random.Random(seed).shuffle(openers)
     return openers
 
 
