@@ -55,7 +55,7 @@ class PPOStage(StrictModel):
             "ppo_epochs": 4,
             "minibatch_size": 16,
             "micro_batch_size": 16,
-            "kl": {"mode": "adaptive", "init_coef": 0.1, "target": 4.0, "horizon": 256},
+            "kl": {"mode": "adaptive", "init_coef": 0.2, "target": 4.0, "horizon": 256},
         },
         description="the trainer's ppo section (services.trainer.backend.PPOConfig)",
     )
