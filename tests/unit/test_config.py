@@ -71,3 +71,11 @@ def test_cli_parses_every_role_and_rejects_unknown_ones():
         assert args.role == role
     with pytest.raises(SystemExit):
         build_parser(["serve", "nope"]).parse_args(["serve", "nope"])
+
+
+def test_example_pipeline_config_is_the_demo_config():
+    from services.pipeline.config import PipelineConfig
+
+    example = load_config(PipelineConfig, EXAMPLES / "pipeline.yaml")
+    demo = PipelineConfig.model_validate({"ppo": {"without_kl": True}})  # what `make demo` runs
+    assert example.model_dump() == demo.model_dump()
