@@ -7,7 +7,7 @@ GEN_STAMP := shared/proto/rlhf/v1/.stamp
 VENV_STAMP := .venv/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv proto demo demo-ppo test lint format lock clean
+.PHONY: all venv proto system-deps demo demo-ppo test lint format lock clean
 
 all: test
 
@@ -31,6 +31,12 @@ $(GEN_STAMP): $(PROTOS) $(VENV_STAMP)
 
 proto: $(GEN_STAMP)
 
+# Debian packages the tests use for real: Prometheus (the dashboard's queries are evaluated by a real server).
+system-deps:
+	@command -v prometheus >/dev/null || { \
+		echo "installing prometheus (apt)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
 # The whole pipeline on the built-in task: pretrain, SFT, preferences, reward model, PPO (with and without the KL
 # penalty) through the services, DPO, evaluation; writes runs/<run-id>/report.md and summary.json.
 demo: $(GEN_STAMP)
@@ -40,7 +46,7 @@ demo: $(GEN_STAMP)
 demo-ppo: $(GEN_STAMP)
 	$(PY) -m services.demo
 
-test: $(GEN_STAMP)
+test: $(GEN_STAMP) system-deps
 	$(PY) -m pytest -q
 
 lint: $(VENV_STAMP)
