@@ -137,18 +137,23 @@ def follow_run(api: str, run: dict, quiet: bool = False) -> dict:
         run_id = response.json()["run_id"]
         if not quiet:
             print(f"run {run_id}: {run['iterations']} PPO iterations x {run['prompts_per_iteration']} prompts")
-            print(f"{'iter':>5} {'reward':>7} {'KL':>6} {'beta':>7} {'len':>5} {'version':>7} {'s/it':>5}  sample")
+            header = ("iter", "reward", "KL", "beta", "len", "version", "s/it", "ETA")
+            widths = (5, 7, 6, 7, 5, 7, 5, 5)
+            print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)) + "  sample")
         shown = 0
+        started = time.monotonic()
         while True:
             status = client.get(f"/runs/{run_id}").json()
             for record in status["stats"][shown:]:
                 if quiet:
                     continue
                 sample = (record["example"]["prompt"] + " ->" + record["example"]["response"]).replace("\n", " ")
+                per_iteration = (time.monotonic() - started) / record["iteration"]
+                eta = per_iteration * (run["iterations"] - record["iteration"])
                 print(
                     f"{record['iteration']:>5} {record['reward_mean']:>7.3f} {record['kl']:>6.2f} "
                     f"{record['kl_coef']:>7.4f} {record['response_length_mean']:>5.1f} {record['policy_version']:>7} "
-                    f"{record['wall_seconds']:>5.2f}  {sample[:60]}",
+                    f"{record['wall_seconds']:>5.2f} {eta:>4.0f}s  {sample[:56]}",
                     flush=True,
                 )
             shown = len(status["stats"])

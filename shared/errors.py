@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from prometheus_client import Counter, Histogram
 
+from shared.logs import METADATA_ITERATION, METADATA_RUN_ID, log_context
+
 log = logging.getLogger(__name__)
 
 
@@ -124,12 +126,19 @@ def _final_code(context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
+def _log_context(context: grpc.aio.ServicerContext):
+    """The caller's run id and iteration (gRPC metadata) as this RPC's log context."""
+    metadata = dict(context.invocation_metadata() or ())
+    return log_context(metadata.get(METADATA_RUN_ID), metadata.get(METADATA_ITERATION))
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable], full_method: str, labels: tuple[str, str, str]):
     async def wrapper(request, context):
         GRPC_STARTED.labels(*labels).inc()
         start = time.perf_counter()
         try:
-            return await behavior(request, context)
+            with _log_context(context):
+                return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -147,8 +156,9 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator], full_method: str, label
         GRPC_STARTED.labels(*labels).inc()
         start = time.perf_counter()
         try:
-            async for item in behavior(request, context):
-                yield item
+            with _log_context(context):
+                async for item in behavior(request, context):
+                    yield item
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from prometheus_client import Gauge
+from shared.metrics import QUEUE_DEPTH
 
 T = TypeVar("T")
-
-QUEUE_DEPTH = Gauge("rlhf_model_queue_depth", "Model calls waiting for or running on the model thread.", ["role"])
 
 
 class ModelWorker:
@@ -38,7 +37,9 @@ class ModelWorker:
         self._pending += 1
         QUEUE_DEPTH.labels(self.role).set(self._pending)
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+            # The caller's context (run id, iteration for log lines) goes along to the model thread.
+            call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+            return await loop.run_in_executor(self._executor, call)
         finally:
             self._pending -= 1
             QUEUE_DEPTH.labels(self.role).set(self._pending)

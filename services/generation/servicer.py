@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
+from services.generation import metrics as generation_metrics
 from services.generation.backend import GenerationBackend
 from services.generation.config import GenerationConfig
-from shared import codec
+from shared import codec, metrics
 from shared.errors import InvalidInput
 from shared.proto.rlhf.v1 import (
     generation_pb2,
@@ -69,6 +70,19 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
         self.config = config
         self.worker = ModelWorker("generation")
         self._update_lock = asyncio.Lock()  # one weight update at a time
+        metrics.register_role("generation", holds_weights=True)
+
+    def attach(self, backend: GenerationBackend) -> None:
+        super().attach(backend)
+        metrics.track_device_memory("generation", backend.device)
+        metrics.WEIGHTS_VERSION.labels("generation").set(backend.version)
+
+    def _generate(self, prompts: list[torch.Tensor], params: SamplingParams) -> list[Sample]:
+        """The backend's generate, timed on the model thread (queueing excluded) and recorded."""
+        start = time.perf_counter()
+        samples = self.backend.generate(prompts, params)
+        generation_metrics.observe_generate(samples, time.perf_counter() - start)
+        return samples
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         backend: GenerationBackend = self.backend
@@ -82,7 +96,7 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
             else backend.tokenize(list(request.prompts))
         )
         backend.validate(prompts, params)
-        samples = await self.worker.run(backend.generate, prompts, params)
+        samples = await self.worker.run(self._generate, prompts, params)
         # One model-thread call = one weights version for the whole batch.
         return samples_to_pb(samples, samples[0].policy_version)
 
@@ -108,11 +122,11 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
                 assembler.add(chunk)
             state = assembler.finish()
             await self.worker.run(backend.swap_weights, state, assembler.version)
+            seconds = time.perf_counter() - start
+            metrics.observe_weight_update("generation", assembler.bytes, seconds)
+            metrics.WEIGHTS_VERSION.labels("generation").set(assembler.version)
             return weights_pb2.WeightUpdateResult(
-                version=assembler.version,
-                tensors=len(state),
-                bytes=assembler.bytes,
-                seconds=time.perf_counter() - start,
+                version=assembler.version, tensors=len(state), bytes=assembler.bytes, seconds=seconds
             )
 
     async def Info(self, request, context):

@@ -23,6 +23,7 @@ import grpc
 from services.orchestrator.config import PeersConfig, RpcConfig
 from services.orchestrator.metrics import RPC_FAILURES, RPC_RETRIES
 from shared.convert import train_stats_from_pb
+from shared.logs import context_metadata
 from shared.proto.rlhf.v1 import (
     generation_pb2,
     generation_pb2_grpc,
@@ -100,6 +101,7 @@ class Retrying:
 
     async def __call__(self, method: str, call: Callable[[float], Awaitable[T]], timeout: float) -> T:
         delay = self.config.initial_backoff_s
+        retries = RPC_RETRIES.labels(self.peer, method)  # the series exists (at 0) from the first call
         for attempt in range(1, self.config.max_attempts + 1):
             try:
                 return await call(timeout)
@@ -107,7 +109,7 @@ class Retrying:
                 if err.code() not in self.RETRYABLE or attempt == self.config.max_attempts:
                     RPC_FAILURES.labels(self.peer, method, err.code().name).inc()
                     raise
-                RPC_RETRIES.labels(self.peer, method).inc()
+                retries.inc()
                 log.warning(
                     "%s.%s unavailable (attempt %d): %s; retrying in %.1fs",
                     self.peer,
@@ -181,7 +183,9 @@ class GrpcGeneration:
                 sampling_i = sampling
             request = generation_pb2.GenerateRequest(prompts=share, sampling=sampling_i)
             return await self.retry(
-                "Generate", lambda t: stub.Generate(request, timeout=t), self.rpc.generate_timeout_s
+                "Generate",
+                lambda t: stub.Generate(request, timeout=t, metadata=context_metadata()),
+                self.rpc.generate_timeout_s,
             )
 
         replies = await asyncio.gather(
@@ -208,7 +212,7 @@ class GrpcGeneration:
             *[
                 self.retry(
                     "PullWeights",
-                    lambda t, s=stub: s.PullWeights(request, timeout=t),
+                    lambda t, s=stub: s.PullWeights(request, timeout=t, metadata=context_metadata()),
                     self.rpc.weights_timeout_s,
                 )
                 for stub in self.stubs
@@ -276,7 +280,11 @@ class GrpcReward:
 
     async def score(self, rollouts: Rollouts) -> list[float]:
         request = reward_pb2.ScoreRequest(prompts=rollouts.prompts, responses=rollouts.texts)
-        reply = await self.retry("Score", lambda t: self.stub.Score(request, timeout=t), self.rpc.score_timeout_s)
+        reply = await self.retry(
+            "Score",
+            lambda t: self.stub.Score(request, timeout=t, metadata=context_metadata()),
+            self.rpc.score_timeout_s,
+        )
         return _floats(reply.scores)
 
 
@@ -291,7 +299,9 @@ class GrpcReference:
         reply_in: generation_pb2.GenerateResponse = rollouts.tokens
         request = reference_pb2.LogProbsRequest(prompt_ids=reply_in.prompt_ids, response_ids=reply_in.response_ids)
         reply = await self.retry(
-            "LogProbs", lambda t: self.stub.LogProbs(request, timeout=t), self.rpc.logprobs_timeout_s
+            "LogProbs",
+            lambda t: self.stub.LogProbs(request, timeout=t, metadata=context_metadata()),
+            self.rpc.logprobs_timeout_s,
         )
         return reply.logprobs
 
@@ -316,14 +326,18 @@ class GrpcTrainer:
             policy_version=generated.policy_version,
         )
         reply = await self.retry(
-            "TrainStep", lambda t: self.stub.TrainStep(request, timeout=t), self.rpc.train_timeout_s
+            "TrainStep",
+            lambda t: self.stub.TrainStep(request, timeout=t, metadata=context_metadata()),
+            self.rpc.train_timeout_s,
         )
         return train_stats_from_pb(reply.stats)
 
     async def save_checkpoint(self, directory: str) -> int:
         request = trainer_pb2.CheckpointRequest(directory=directory)
         reply = await self.retry(
-            "SaveCheckpoint", lambda t: self.stub.SaveCheckpoint(request, timeout=t), self.rpc.train_timeout_s
+            "SaveCheckpoint",
+            lambda t: self.stub.SaveCheckpoint(request, timeout=t, metadata=context_metadata()),
+            self.rpc.train_timeout_s,
         )
         return reply.policy_version
 

@@ -24,6 +24,7 @@ from services.orchestrator import metrics
 from services.orchestrator.clients import Clients
 from services.orchestrator.config import RunConfig
 from services.orchestrator.dataset import PromptCursor, load_prompts
+from shared.logs import log_context
 from shared.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ class RLHFLoop:
             if self.stop_requested:
                 log.info("run %s: stop requested; ending after %d iterations", self.run_id, iteration - 1)
                 break
-            record = await self._iteration(iteration)
+            with log_context(self.run_id, iteration):  # on every log line here and in the services
+                record = await self._iteration(iteration)
             self.records.append(record)
             self._publish(record)
             with (self.run_dir / "iterations.jsonl").open("a") as handle:
@@ -171,11 +173,16 @@ class RLHFLoop:
     def _publish(self, record: IterationRecord) -> None:
         labels = (self.run_id,)
         metrics.ITERATION.labels(*labels).set(record.iteration)
+        metrics.SAMPLES.labels(*labels).inc(record.samples)
         metrics.REWARD_MEAN.labels(*labels).set(record.reward_mean)
+        metrics.REWARD_STD.labels(*labels).set(record.reward_std)
+        metrics.REWARD_MIN.labels(*labels).set(record.reward_min)
+        metrics.REWARD_MAX.labels(*labels).set(record.reward_max)
         metrics.KL.labels(*labels).set(record.kl)
         metrics.KL_COEF.labels(*labels).set(record.kl_coef)
         metrics.POLICY_VERSION.labels(*labels).set(record.policy_version)
         metrics.RESPONSE_LENGTH.labels(*labels).set(record.response_length_mean)
+        metrics.WEIGHT_SYNC_BYTES.labels(*labels).inc(record.weight_sync_bytes)
         for phase, seconds in record.phase_seconds.items():
             metrics.PHASE_SECONDS.labels(self.run_id, phase).observe(seconds)
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 ITERATION = Gauge("rlhf_iteration", "Iterations completed in the current run.", ["run_id"])
+SAMPLES = Counter("rlhf_samples_total", "Samples generated and trained on.", ["run_id"])
 REWARD_MEAN = Gauge("rlhf_reward_mean", "Mean score of the last iteration's samples.", ["run_id"])
+REWARD_STD = Gauge("rlhf_reward_std", "Standard deviation of the scores of the last iteration's samples.", ["run_id"])
+REWARD_MIN = Gauge("rlhf_reward_min", "Lowest score of the last iteration's samples.", ["run_id"])
+REWARD_MAX = Gauge("rlhf_reward_max", "Highest score of the last iteration's samples.", ["run_id"])
 KL = Gauge(
     "rlhf_kl",
     "KL(pi_old || pi_ref) per sequence (sum over response tokens, batch mean), nats, last iteration.",
@@ -21,6 +25,9 @@ PHASE_SECONDS = Histogram(
     "Wall time of each phase of an iteration, seconds.",
     ["run_id", "phase"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+WEIGHT_SYNC_BYTES = Counter(
+    "rlhf_weight_sync_bytes_total", "Weight payload bytes moved to the generation replicas.", ["run_id"]
 )
 RPC_RETRIES = Counter("rlhf_rpc_retries_total", "RPC attempts retried after UNAVAILABLE.", ["peer", "method"])
 RPC_FAILURES = Counter("rlhf_rpc_failures_total", "RPCs that failed for good.", ["peer", "method", "code"])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import torch
 
 from services.reference.backend import ReferenceBackend
 from services.reference.config import ReferenceConfig
-from shared import codec
+from shared import codec, metrics
 from shared.proto.rlhf.v1 import reference_pb2, reference_pb2_grpc
 from shared.server import BackendHolder, Role, Server, build_grpc_server
 from shared.worker import BatchingQueue, ModelWorker
@@ -18,9 +20,20 @@ SERVICE_NAME = reference_pb2.DESCRIPTOR.services_by_name["Reference"].full_name
 class ReferenceServicer(BackendHolder, reference_pb2_grpc.ReferenceServicer):
     def __init__(self, config: ReferenceConfig):
         # Concurrent requests are merged into one model call, micro-batched by the backend.
-        self.queue = BatchingQueue(
-            ModelWorker("reference"), lambda pairs: self.backend.logprobs(pairs), max_batch=config.max_batch
-        )
+        self.queue = BatchingQueue(ModelWorker("reference"), self._logprobs, max_batch=config.max_batch)
+        metrics.register_role("reference")
+
+    def attach(self, backend: ReferenceBackend) -> None:
+        super().attach(backend)
+        metrics.track_device_memory("reference", backend.model.device)
+
+    def _logprobs(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """One merged model call on the model thread, timed and recorded."""
+        start = time.perf_counter()
+        logprobs = self.backend.logprobs(pairs)
+        tokens = sum(int(prompt.numel() + response.numel()) for prompt, response in pairs)
+        metrics.observe_model_call("reference", len(pairs), tokens, time.perf_counter() - start)
+        return logprobs
 
     async def close(self) -> None:
         await self.queue.close()

@@ -26,7 +26,10 @@ NORMALIZATION_FILE = "reward_normalization.json"
 
 
 class RewardBackend(Protocol):
+    device: torch.device  # where the scoring runs (the CPU for a function)
+
     def score(self, pairs: list[tuple[str, str]]) -> list[float]: ...
+    def count_tokens(self, pairs: list[tuple[str, str]]) -> int: ...
 
 
 def validate_pairs(prompts: list[str], responses: list[str], max_batch: int) -> None:
@@ -50,6 +53,7 @@ class FunctionRewardBackend:
 
     def __init__(self, config: RewardConfig):
         self.function = load_function(config.function)
+        self.device = torch.device("cpu")
 
     def score(self, pairs: list[tuple[str, str]]) -> list[float]:
         scores = [float(s) for s in self.function([p for p, _ in pairs], [r for _, r in pairs])]
@@ -58,6 +62,9 @@ class FunctionRewardBackend:
         if not all(math.isfinite(s) for s in scores):
             raise RuntimeError("reward function returned a non-finite score")
         return scores
+
+    def count_tokens(self, pairs: list[tuple[str, str]]) -> int:
+        return 0  # no model reads tokens
 
 
 class RewardNormalization(StrictModel):
@@ -131,6 +138,7 @@ class ModelRewardBackend:
         self.config = config
         self.model, self.tokenizer = load_reward_model(config.model)
         self.model.eval().requires_grad_(False)
+        self.device = self.model.device
         self.normalization = RewardNormalization.read(config.model.path) if config.normalize else None
         if config.normalize and self.normalization is None:
             log.info("%s has no %s: serving raw scores", config.model.path, NORMALIZATION_FILE)
@@ -145,6 +153,13 @@ class ModelRewardBackend:
             return scores
         mean, std = self.normalization.mean, self.normalization.std
         return [(score - mean) / std for score in scores]
+
+    def count_tokens(self, pairs: list[tuple[str, str]]) -> int:
+        """Tokens the model reads for ``pairs`` (prompt + response, truncated as ``score`` does, no padding)."""
+        encoded = self.tokenizer(
+            [prompt + response for prompt, response in pairs], truncation=True, max_length=self.config.max_length
+        )
+        return sum(len(ids) for ids in encoded["input_ids"])
 
 
 def load_backend(config: RewardConfig) -> RewardBackend:

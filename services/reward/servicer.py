@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import torch
 
 from services.reward.backend import RewardBackend, load_backend, validate_pairs, warm_up
 from services.reward.config import RewardConfig
-from shared import codec
+from shared import codec, metrics
 from shared.proto.rlhf.v1 import reward_pb2, reward_pb2_grpc
 from shared.server import BackendHolder, Role, Server, build_grpc_server
 from shared.worker import BatchingQueue, ModelWorker
@@ -19,9 +21,20 @@ class RewardServicer(BackendHolder, reward_pb2_grpc.RewardServicer):
     def __init__(self, config: RewardConfig):
         self.config = config
         # Concurrent requests (the loop, outside API clients) are merged into one model call.
-        self.queue = BatchingQueue(
-            ModelWorker("reward"), lambda pairs: self.backend.score(pairs), max_batch=config.max_batch
-        )
+        self.queue = BatchingQueue(ModelWorker("reward"), self._score, max_batch=config.max_batch)
+        metrics.register_role("reward")
+
+    def attach(self, backend: RewardBackend) -> None:
+        super().attach(backend)
+        metrics.track_device_memory("reward", backend.device)
+
+    def _score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """One merged model call on the model thread, timed and recorded."""
+        start = time.perf_counter()
+        scores = self.backend.score(pairs)
+        seconds = time.perf_counter() - start
+        metrics.observe_model_call("reward", len(pairs), self.backend.count_tokens(pairs), seconds)
+        return scores
 
     async def close(self) -> None:
         await self.queue.close()

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from pathlib import Path
 
 import grpc
 import torch
 
+from services.trainer import metrics as trainer_metrics
 from services.trainer.backend import TrainerBackend
 from services.trainer.config import TrainerConfig
-from shared import codec
+from shared import codec, metrics
 from shared.convert import train_stats_to_pb
 from shared.errors import InvalidInput
 from shared.proto.rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from shared.server import BackendHolder, Role, Server, build_grpc_server
-from shared.types import RolloutBatch
+from shared.types import RolloutBatch, TrainStats
 from shared.validation import check_batch_size, check_row_lengths, check_token_rows
 from shared.weights import chunk_weights
 from shared.worker import ModelWorker
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
 
@@ -46,6 +51,19 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         # Weight streams read the live parameters (no copy of the model); a TrainStep waits until none is open.
         self._streams = 0
         self._streams_done = asyncio.Condition()
+        metrics.register_role("trainer", holds_weights=True)
+
+    def attach(self, backend: TrainerBackend) -> None:
+        super().attach(backend)
+        metrics.track_device_memory("trainer", backend.device)
+        metrics.WEIGHTS_VERSION.labels("trainer").set(backend.version)
+
+    def _train_step(self, batch: RolloutBatch) -> TrainStats:
+        """The backend's PPO step, timed on the model thread and recorded."""
+        start = time.perf_counter()
+        stats = self.backend.train_step(batch)
+        trainer_metrics.observe_train_step(batch, stats, time.perf_counter() - start)
+        return stats
 
     async def _exclusive(self, fn, *args):
         """Runs a call that changes the weights, once no weight stream is open (and holds new ones off)."""
@@ -65,10 +83,20 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
             raise InvalidInput("scores", f"shape {list(batch.scores.shape)}, expected [{len(batch.response_ids)}]")
 
     async def TrainStep(self, request: trainer_pb2.TrainStepRequest, context: grpc.aio.ServicerContext):
-        backend: TrainerBackend = self.backend  # UNAVAILABLE while the model is loading
+        _ = self.backend  # UNAVAILABLE while the model is loading
         batch = rollout_from_pb(request)
         self._validate(batch)
-        stats = await self._exclusive(backend.train_step, batch)
+        stats = await self._exclusive(self._train_step, batch)
+        log.info(
+            "step -> version %d: %d samples, %d tokens, kl %.3f, beta %.4f, policy loss %.4f, %.2fs",
+            stats.policy_version,
+            len(batch),
+            stats.tokens,
+            stats.kl_mean,
+            stats.kl_coef,
+            stats.policy_loss,
+            stats.step_seconds,
+        )
         return trainer_pb2.TrainStepResponse(stats=train_stats_to_pb(stats))
 
     async def StreamWeights(self, request: trainer_pb2.StreamWeightsRequest, context: grpc.aio.ServicerContext):
@@ -82,9 +110,12 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         async with self._streams_done:  # not while a TrainStep runs; several replicas may stream at once
             self._streams += 1
         try:
+            start, sent = time.perf_counter(), 0
             tensors = list(backend.policy_state())
             for chunk in chunk_weights(tensors, backend.version, chunk_bytes):
+                sent += len(chunk.data)
                 yield chunk
+            metrics.observe_weight_update("trainer", sent, time.perf_counter() - start)  # complete streams only
         finally:
             async with self._streams_done:
                 self._streams -= 1
@@ -103,6 +134,7 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
             raise InvalidInput("directory", f"{request.directory!r} is not a checkpoint directory")
         backend: TrainerBackend = self.backend
         await self._exclusive(backend.load_checkpoint, directory)
+        metrics.WEIGHTS_VERSION.labels("trainer").set(backend.version)
         return trainer_pb2.CheckpointResponse(
             directory=str(directory), policy_version=backend.version, step=backend.step
         )

@@ -72,6 +72,9 @@ def test_loop_through_service_processes_learns_and_advances_versions(stack):
     assert summary["config"]["dataset"] == str(dataset)
     assert 'rlhf_iteration{run_id="e2e"} 12.0' in metrics
     assert 'rlhf_phase_seconds_count{phase="train",run_id="e2e"} 12.0' in metrics
+    # Log lines carry the run id and iteration, in the services too (sent as gRPC metadata).
+    trainer_log = services["trainer"].log_path.read_text()
+    assert f"run=e2e iter={ITERATIONS} services.trainer.servicer: step -> version {ITERATIONS}:" in trainer_log
     # Each service serves the standard gRPC server metrics on its own port.
     trainer_metrics = httpx.get(f"http://127.0.0.1:{services['trainer'].info['metrics_port']}/metrics").text
     assert (
