@@ -103,7 +103,9 @@ class Exposition:
 def readme_table() -> dict[str, TableRow]:
     """The rows of the README's "## Metrics" table; a cell like `` `rlhf_reward_mean`, `_std` `` names
     ``rlhf_reward_mean`` and ``rlhf_reward_std``; a cell of types like "gauge, counter" pairs with the names."""
-    section = README.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    # The section headed "Metrics" (any heading level), up to the next heading.
+    section = re.split(r"\n#+ Metrics\n", README.read_text(), maxsplit=1)[1]
+    section = re.split(r"\n#+ ", section, maxsplit=1)[0]
     rows: dict[str, TableRow] = {}
     for line in section.splitlines():
         if not line.startswith("| `"):
