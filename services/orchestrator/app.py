@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hmac
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from pydantic import BaseModel
 
@@ -25,6 +26,7 @@ from services.orchestrator.clients import Clients, grpc_clients, wait_until_serv
 from services.orchestrator.config import OrchestratorConfig, RunConfig
 from services.orchestrator.dataset import DatasetError
 from services.orchestrator.loop import IterationRecord, RLHFLoop
+from shared.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,18 @@ class Run:
         )
 
 
+def _read_token(path: str) -> str | None:
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"api.token_file: cannot read {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"api.token_file: {path} is empty")
+    return token
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000:04d}"
 
@@ -104,6 +118,16 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await run.task
 
+    token = _read_token(config.api.token_file)
+
+    async def require_token(authorization: str | None = Header(default=None)) -> None:
+        if token is None:
+            return
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
+
+    protected = [Depends(require_token)]
     app = FastAPI(title="RLHF orchestrator", version="1", lifespan=lifespan)
 
     async def drive(run: Run) -> None:
@@ -160,23 +184,23 @@ def create_app(
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.post("/runs", status_code=201)
+    @app.post("/runs", status_code=201, dependencies=protected)
     async def create_run(run_config: RunConfig | None = None) -> RunStatus:
         """Starts a run; the body is a RunConfig (fields left out take the orchestrator's config values)."""
         merged = config.run.model_copy(update=run_config.model_dump(exclude_unset=True)) if run_config else config.run
         return start(RunConfig.model_validate(merged.model_dump())).status()
 
-    @app.get("/runs")
+    @app.get("/runs", dependencies=protected)
     async def list_runs() -> list[RunStatus]:
         return [run.status() for run in runs.values()]
 
-    @app.get("/runs/{run_id}")
+    @app.get("/runs/{run_id}", dependencies=protected)
     async def get_run(run_id: str) -> RunStatus:
         if run_id not in runs:
             raise HTTPException(404, f"no run {run_id}")
         return runs[run_id].status()
 
-    @app.post("/runs/{run_id}/stop")
+    @app.post("/runs/{run_id}/stop", dependencies=protected)
     async def stop_run(run_id: str) -> RunStatus:
         """Stops after the iteration in progress (the trainer and generation stay consistent)."""
         run = runs.get(run_id)

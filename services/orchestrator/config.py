@@ -59,6 +59,11 @@ class RunConfig(StrictModel):
 class ApiConfig(StrictModel):
     host: str = Field("127.0.0.1", description="control API address")
     port: int = Field(8080, ge=0, le=65535, description="control API port (0 = a free one)")
+    token_file: str = Field(
+        "",
+        description="file holding the API token (e.g. a mounted Secret); when set, every endpoint but /healthz "
+        "and /metrics requires 'Authorization: Bearer <token>'",
+    )
 
 
 class OrchestratorConfig(StrictModel):

@@ -223,3 +223,25 @@ async def test_prompts_are_split_across_generation_replicas_and_merged_in_order(
     finally:
         for context in contexts:
             await context.__aexit__(None, None, None)
+
+
+async def test_api_token_guards_the_runs_but_not_health_or_metrics(clients_factory, dataset, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    config = OrchestratorConfig.model_validate(
+        {"api": {"token_file": str(token_file)}, "run": {"dataset": str(dataset)}}
+    )
+    transport = httpx.ASGITransport(app=create_app(config, clients_factory))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+        assert (await client.get("/runs")).status_code == 401
+        wrong = await client.get("/runs", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert (await client.post("/runs", json={"iterations": 1})).status_code == 401
+        ok = await client.get("/runs", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json() == []
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="token_file"):
+        create_app(OrchestratorConfig.model_validate({"api": {"token_file": str(empty)}}), clients_factory)
