@@ -7,7 +7,8 @@ GEN_STAMP := shared/proto/rlhf/v1/.stamp
 VENV_STAMP := .venv/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv proto system-deps demo demo-ppo test lint format lock clean
+.PHONY: all venv proto system-deps demo demo-ppo test lint format lock clean deploy
+OVERLAY ?= cpu
 
 all: test
 
@@ -56,6 +57,10 @@ lint: $(VENV_STAMP)
 format: $(VENV_STAMP)
 	.venv/bin/ruff check --fix .
 	.venv/bin/ruff format .
+
+# Apply the Kubernetes manifests (kustomize overlay: cpu or gpu) to the cluster of the current kubectl context.
+deploy: $(VENV_STAMP)
+	.venv/bin/kubectl apply -k deploy/k8s/overlays/$(OVERLAY)
 
 # Re-pin the lock file from the current venv (after changing what is installed).
 lock:

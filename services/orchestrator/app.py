@@ -229,6 +229,7 @@ def run_orchestrator(args) -> None:
     from shared.logs import setup_logging
 
     config = config_from_args(OrchestratorConfig, args)
+    config.peers.require_addresses()  # this process always talks gRPC: a missing peer fails at start-up
     setup_logging("orchestrator", args.log_level)
 
     def progress(run_id: str, r: IterationRecord) -> None:

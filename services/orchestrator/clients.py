@@ -20,13 +20,13 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from services.orchestrator.config import PeersConfig, RpcConfig
-from services.orchestrator.metrics import RPC_FAILURES, RPC_RETRIES
+from services.orchestrator.config import DiscoveryMode, PeersConfig, RpcConfig
+from services.orchestrator.metrics import GENERATION_RESHARES, RPC_FAILURES, RPC_RETRIES
+from services.orchestrator.replicas import Replica, ReplicaPool, replica_source
 from shared.convert import train_stats_from_pb
 from shared.logs import context_metadata
 from shared.proto.rlhf.v1 import (
     generation_pb2,
-    generation_pb2_grpc,
     reference_pb2,
     reference_pb2_grpc,
     reward_pb2,
@@ -152,18 +152,44 @@ _FINISH = {generation_pb2.FINISH_REASON_EOS: "eos", generation_pb2.FINISH_REASON
 
 
 class GrpcGeneration:
+    """Generation over the replicas of a ``ReplicaPool``: each batch is split across the replicas serving the
+    current policy version, and a share whose replica fails, leaves or answers with another version is re-sent to
+    the others, so every prompt is generated exactly once, by the current policy."""
+
+    # A call that fails with one of these says the replica is down, gone or stuck, not that the request is bad.
+    REPLICA_FAULTS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
     def __init__(self, peers: PeersConfig, rpc: RpcConfig):
-        if not peers.generation:
-            raise ValueError("peers.generation: at least one generation replica address is required")
+        self.peers = peers
         self.rpc = rpc
-        self.trainer_address = peers.trainer
-        self.channels = [_channel(address, peers) for address in peers.generation]
-        self.stubs = [generation_pb2_grpc.GenerationStub(c) for c in self.channels]
-        self.retry = Retrying(rpc, "generation")
+        self.pool = ReplicaPool(
+            replica_source(peers, rpc),
+            lambda address: _channel(address, peers),
+            rpc,
+            peers.trainer,
+        )
+
+    async def _initial_version(self) -> int:
+        """The version batches come from before the first weight sync: the trainer's (a client with no trainer,
+        sampling only, takes the newest version a replica serves)."""
+        if not self.peers.trainer:
+            return await self.pool.newest_version(self.rpc.wait_ready_s)
+        async with _channel(self.peers.trainer, self.peers) as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            state = await Retrying(self.rpc, "trainer")(
+                "GetState",
+                lambda t: stub.GetState(trainer_pb2.GetStateRequest(), timeout=t, metadata=context_metadata()),
+                self.rpc.train_timeout_s,
+            )
+        return state.policy_version
 
     async def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
-        # Split the prompts across replicas (contiguous shares), one call each, concurrently.
-        shares = _split(prompts, len(self.stubs))
+        if not prompts:
+            raise ValueError("prompts: empty batch")
+        pool = self.pool
+        if pool.version is None:
+            await pool.ensure_version(await self._initial_version())
+        version = pool.version
         sampling = generation_pb2.SamplingParams(
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
@@ -171,33 +197,71 @@ class GrpcGeneration:
             top_k=params.top_k,
             samples_per_prompt=params.samples_per_prompt,
         )
-        if params.seed is not None:
-            sampling.seed = params.seed
 
-        async def one(stub, share, index):
-            if params.seed is not None:
-                sampling_i = generation_pb2.SamplingParams()
-                sampling_i.CopyFrom(sampling)
-                sampling_i.seed = params.seed + index
-            else:
-                sampling_i = sampling
-            request = generation_pb2.GenerateRequest(prompts=share, sampling=sampling_i)
-            return await self.retry(
-                "Generate",
-                lambda t: stub.Generate(request, timeout=t, metadata=context_metadata()),
-                self.rpc.generate_timeout_s,
+        async def call(replica: Replica, offset: int, share: list[str]) -> generation_pb2.GenerateResponse:
+            request = generation_pb2.GenerateRequest(prompts=share, sampling=sampling)
+            if params.seed is not None:  # a share's seed follows its place in the batch, whichever replica runs it
+                request.sampling.seed = params.seed + offset
+            return await replica.stub.Generate(
+                request, timeout=self.rpc.generate_timeout_s, metadata=context_metadata()
             )
 
-        replies = await asyncio.gather(
-            *[one(stub, share, i) for i, (stub, share) in enumerate(zip(self.stubs, shares, strict=True)) if share]
-        )
-        versions = {r.policy_version for r in replies}
-        if len(versions) != 1:
-            raise RuntimeError(f"generation replicas serve different policy versions: {sorted(versions)}")
-        merged = _merge_generate_replies(list(replies))
-        share_prompts = [p for share in shares if share for p in share]
+        # Shares are contiguous (offset, prompts) slices of the batch; replies are kept by offset.
+        pending: list[tuple[int, list[str], int]] = [(0, prompts, 1)]  # (offset, prompts, attempt)
+        running: dict[asyncio.Task, tuple[Replica, int, list[str], int]] = {}
+        replies: dict[int, generation_pb2.GenerateResponse] = {}
+        try:
+            while pending or running:
+                if pending:
+                    replicas = await pool.wait_usable(self.rpc.wait_ready_s)
+                    for offset, share, attempt in pending:
+                        if attempt > self.rpc.max_attempts:
+                            raise RuntimeError(
+                                f"prompts {offset}..{offset + len(share) - 1} were sent {attempt - 1} times "
+                                f"without a usable reply; replicas: {pool.describe()}"
+                            )
+                        pieces = _split(share, min(len(replicas), len(share)))
+                        piece_offset = offset
+                        for replica, piece in zip(replicas, pieces, strict=False):
+                            task = pool.call(replica, call(replica, piece_offset, piece))
+                            running[task] = (replica, piece_offset, piece, attempt)
+                            piece_offset += len(piece)
+                    pending = []
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    replica, offset, share, attempt = running.pop(task)
+                    reason = self._settle(task, replica, version)
+                    if reason is None:
+                        log.debug(
+                            "generation replica %s generated prompts %d..%d at policy version %d",
+                            replica.address,
+                            offset,
+                            offset + len(share) - 1,
+                            version,
+                        )
+                        replies[offset] = task.result()
+                        continue
+                    GENERATION_RESHARES.labels(reason).inc()
+                    log.warning(
+                        "re-sending prompts %d..%d (%s on %s) to the other replicas",
+                        offset,
+                        offset + len(share) - 1,
+                        reason,
+                        replica.address,
+                    )
+                    pending.append((offset, share, attempt + 1))
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+        offsets = sorted(replies)
+        merged = _merge_generate_replies([replies[o] for o in offsets], offsets)
+        expected = [i for i in range(len(prompts)) for _ in range(max(1, params.samples_per_prompt))]
+        if list(merged.prompt_index) != expected:  # a bug if it happens: never train on a lost or doubled prompt
+            raise RuntimeError("generation replies do not cover every prompt exactly once")
         return Rollouts(
-            prompts=[share_prompts[i] for i in merged.prompt_index],
+            prompts=[prompts[i] for i in merged.prompt_index],
             texts=list(merged.texts),
             response_lengths=_row_lengths(merged.response_ids),
             finish_reasons=[_FINISH.get(f, "unspecified") for f in merged.finish_reasons],
@@ -205,24 +269,29 @@ class GrpcGeneration:
             tokens=merged,
         )
 
+    def _settle(self, call: asyncio.Task, replica: Replica, version: int) -> str | None:
+        """None when the call's reply is good; else why its share must be re-sent. Raises on a bad request."""
+        if call.cancelled():  # the pool cancels the calls of a replica that left
+            return "gone"
+        if (err := call.exception()) is not None:
+            if isinstance(err, grpc.aio.AioRpcError) and err.code() in self.REPLICA_FAULTS:
+                self.pool.mark_failed(replica, f"Generate: {err.code().name} {err.details()}")
+                return "failed"
+            if isinstance(err, grpc.aio.AioRpcError):
+                RPC_FAILURES.labels("generation", "Generate", err.code().name).inc()
+            raise err
+        if (served := call.result().policy_version) != version:
+            self.pool.mark_stale(replica, served)
+            return "stale"
+        return None
+
     async def sync_weights(self, version: int) -> WeightSync:
         start = time.perf_counter()
-        request = generation_pb2.PullWeightsRequest(trainer_address=self.trainer_address, min_version=version)
-        results = await asyncio.gather(
-            *[
-                self.retry(
-                    "PullWeights",
-                    lambda t, s=stub: s.PullWeights(request, timeout=t, metadata=context_metadata()),
-                    self.rpc.weights_timeout_s,
-                )
-                for stub in self.stubs
-            ]
-        )
-        return WeightSync(
-            version=min(r.version for r in results),
-            bytes=sum(r.bytes for r in results),
-            seconds=time.perf_counter() - start,
-        )
+        moved = await self.pool.ensure_version(version)
+        return WeightSync(version=version, bytes=moved, seconds=time.perf_counter() - start)
+
+    async def close(self) -> None:
+        await self.pool.close()
 
 
 def _split(items: list[str], parts: int) -> list[list[str]]:
@@ -255,17 +324,17 @@ def _merge_ragged(parts: list[tensor_pb2.RaggedTensor]) -> tensor_pb2.RaggedTens
 
 
 def _merge_generate_replies(
-    replies: list[generation_pb2.GenerateResponse],
+    replies: list[generation_pb2.GenerateResponse], offsets: list[int]
 ) -> generation_pb2.GenerateResponse:
+    """One response from the replies to contiguous shares of a batch; ``offsets[i]`` is the batch index of the
+    first prompt of reply i's share (its ``prompt_index`` counts from there)."""
     if len(replies) == 1:
         return replies[0]
     merged = generation_pb2.GenerateResponse(policy_version=replies[0].policy_version)
-    base = 0
-    for reply in replies:
+    for reply, offset in zip(replies, offsets, strict=True):
         merged.texts.extend(reply.texts)
         merged.finish_reasons.extend(reply.finish_reasons)
-        merged.prompt_index.extend(base + i for i in reply.prompt_index)
-        base += (max(reply.prompt_index) + 1) if reply.prompt_index else 0
+        merged.prompt_index.extend(offset + i for i in reply.prompt_index)
     for name in ("prompt_ids", "response_ids", "response_logprobs"):
         getattr(merged, name).CopyFrom(_merge_ragged([getattr(r, name) for r in replies]))
     return merged
@@ -346,7 +415,9 @@ async def wait_until_serving(peers: PeersConfig, timeout: float) -> None:
     """Polls each peer's grpc.health.v1 until it reports SERVING (or raises TimeoutError naming the laggards)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    addresses = {*peers.generation, peers.reward, peers.reference, peers.trainer}
+    # Discovered replicas are the pool's to wait for (it uses them once they serve the policy version).
+    generation = peers.generation if peers.generation_discovery.mode is DiscoveryMode.STATIC else []
+    addresses = {*generation, peers.reward, peers.reference, peers.trainer}
     deadline = time.monotonic() + timeout
     pending = set(addresses)
     while pending:
@@ -365,14 +436,13 @@ async def wait_until_serving(peers: PeersConfig, timeout: float) -> None:
 
 
 def grpc_clients(peers: PeersConfig, rpc: RpcConfig) -> Clients:
-    for role in ("reward", "reference", "trainer"):
-        if not getattr(peers, role):
-            raise ValueError(f"peers.{role}: address required")
+    peers.require_addresses()
     generation = GrpcGeneration(peers, rpc)
     reward, reference, trainer = GrpcReward(peers, rpc), GrpcReference(peers, rpc), GrpcTrainer(peers, rpc)
 
     async def close() -> None:
-        for channel in (*generation.channels, reward.channel, reference.channel, trainer.channel):
+        await generation.close()
+        for channel in (reward.channel, reference.channel, trainer.channel):
             await channel.close()
 
     return Clients(generation, reward, reference, trainer, close)

@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+import enum
 
-from shared.config import StrictModel
+from pydantic import Field, field_validator, model_validator
+
+from shared.config import ConfigError, StrictModel
+
+
+class DiscoveryMode(enum.StrEnum):
+    STATIC = "static"  # peers.generation, fixed for the orchestrator's lifetime
+    KUBERNETES = "kubernetes"  # the ready endpoints of a Service, watched through the Kubernetes API
+
+
+class GenerationDiscovery(StrictModel):
+    """Where the generation replicas are. In Kubernetes: the EndpointSlices of the generation Service."""
+
+    mode: DiscoveryMode = Field(DiscoveryMode.STATIC, description="static: peers.generation; kubernetes: a Service")
+    service: str = Field("", description="kubernetes: name of the generation Service (its EndpointSlices are watched)")
+    namespace: str = Field("", description="kubernetes: namespace of the Service")
+    port_name: str = Field("grpc", description="kubernetes: name of the Service port that serves gRPC")
+    kubeconfig: str = Field("", description="kubernetes: kubeconfig file; empty = in-cluster config (service account)")
+    watch_timeout_s: int = Field(
+        300, ge=1, description="kubernetes: server-side timeout of one watch; the slices are then listed again"
+    )
+
+    @model_validator(mode="after")
+    def _kubernetes_needs_a_service(self):
+        if self.mode is DiscoveryMode.KUBERNETES:
+            for name in ("service", "namespace"):
+                if not getattr(self, name):
+                    raise ValueError(f"{name} is required when mode is kubernetes")
+        return self
 
 
 class PeersConfig(StrictModel):
-    generation: list[str] = Field(default_factory=list, description="host:port of each generation replica")
+    generation: list[str] = Field(
+        default_factory=list, description="host:port of each generation replica (generation_discovery.mode static)"
+    )
+    generation_discovery: GenerationDiscovery = Field(default_factory=GenerationDiscovery)
     reward: str = Field("", description="host:port of the reward service")
     reference: str = Field("", description="host:port of the reference service")
     trainer: str = Field("", description="host:port of the trainer service")
@@ -18,6 +49,18 @@ class PeersConfig(StrictModel):
     @classmethod
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else value
+
+    def require_addresses(self) -> None:
+        """Raises ConfigError naming the first peer a gRPC run lacks (in-process runs need none, so this is not
+        checked when the config is parsed)."""
+        if self.generation_discovery.mode is DiscoveryMode.STATIC and not self.generation:
+            raise ConfigError(
+                "peers.generation: at least one generation replica address is required "
+                "(or peers.generation_discovery.mode: kubernetes)"
+            )
+        for role in ("reward", "reference", "trainer"):
+            if not getattr(self, role):
+                raise ConfigError(f"peers.{role}: address required")
 
 
 class RpcConfig(StrictModel):
@@ -29,7 +72,12 @@ class RpcConfig(StrictModel):
     max_attempts: int = Field(5, ge=1, description="attempts per call when the peer is UNAVAILABLE")
     initial_backoff_s: float = Field(0.5, gt=0, description="first retry delay; doubles each retry")
     max_backoff_s: float = Field(10.0, gt=0, description="longest retry delay")
-    wait_ready_s: float = Field(300.0, ge=0, description="how long to wait for every peer's health to be SERVING")
+    wait_ready_s: float = Field(
+        300.0,
+        ge=0,
+        description="how long to wait for every peer's health to be SERVING at the start of a run, and during a "
+        "run for a generation replica at the current policy version",
+    )
 
 
 class SamplingConfig(StrictModel):

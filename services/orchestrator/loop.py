@@ -139,7 +139,16 @@ class RLHFLoop:
             with (self.run_dir / "rollouts.jsonl").open("a") as handle:
                 for prompt, text, score in zip(rollouts.prompts, rollouts.texts, scores, strict=True):
                     handle.write(
-                        json.dumps({"iteration": iteration, "prompt": prompt, "response": text, "score": score}) + "\n"
+                        json.dumps(
+                            {
+                                "iteration": iteration,
+                                "policy_version": rollouts.policy_version,
+                                "prompt": prompt,
+                                "response": text,
+                                "score": score,
+                            }
+                        )
+                        + "\n"
                     )
         sync = await self.clients.generation.sync_weights(stats.policy_version)
         phases["weight_sync"] = time.perf_counter() - t3

@@ -31,3 +31,13 @@ WEIGHT_SYNC_BYTES = Counter(
 )
 RPC_RETRIES = Counter("rlhf_rpc_retries_total", "RPC attempts retried after UNAVAILABLE.", ["peer", "method"])
 RPC_FAILURES = Counter("rlhf_rpc_failures_total", "RPCs that failed for good.", ["peer", "method", "code"])
+GENERATION_REPLICAS = Gauge(
+    "rlhf_generation_replicas",
+    "Generation replicas known to the orchestrator, by state (new, syncing, ready, failed).",
+    ["state"],
+)
+GENERATION_RESHARES = Counter(
+    "rlhf_generation_reshares_total",
+    "Shares of a Generate batch re-sent to other replicas, by reason (failed, gone, stale).",
+    ["reason"],
+)

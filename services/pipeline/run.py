@@ -170,8 +170,7 @@ class Pipeline:
                         texts.extend((await client.generate(prompts[start : start + 128], params)).texts)
                     return texts
                 finally:
-                    for channel in client.channels:
-                        await channel.close()
+                    await client.close()
 
             texts_all = asyncio.run(sample())
         k = stage.samples_per_prompt

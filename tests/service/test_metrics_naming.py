@@ -39,6 +39,8 @@ ALLOWED_LABELS = {
     "generation",  # python_gc_*: the garbage collector's generation, 0 to 2
 }
 MAX_LABEL_VALUES = 50
+# The orchestrator's view of the generation replicas (the other rlhf_generation_* are the service's own).
+ORCHESTRATOR_GENERATION_METRICS = {"rlhf_generation_replicas", "rlhf_generation_reshares_total"}
 # Metrics of weights moving and being held; the other role-labelled ones are on every model service.
 WEIGHT_HOLDERS = ("generation", "trainer")
 WEIGHT_METRICS = {
@@ -125,6 +127,8 @@ def readme_table() -> dict[str, TableRow]:
 
 def expected_processes(row: TableRow) -> set[str]:
     """Where a metric of the table must have samples (and, for rlhf_*, only there)."""
+    if row.name in ORCHESTRATOR_GENERATION_METRICS:
+        return {"orchestrator"}
     if row.name.startswith("process_"):
         return set(PROCESSES)
     if row.name.startswith("grpc_server_"):

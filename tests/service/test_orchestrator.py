@@ -218,9 +218,58 @@ async def test_prompts_are_split_across_generation_replicas_and_merged_in_order(
         assert [row.tolist() for row in ids] == [tokenizer(p)["input_ids"] for p in prompts for _ in range(2)]
         lengths = [len(r) for r in codec.ragged_from_pb(merged.response_logprobs, "l")]
         assert lengths == rollouts.response_lengths
-        for channel in client.channels:
-            await channel.close()
+        await client.close()
     finally:
+        for context in contexts:
+            await context.__aexit__(None, None, None)
+
+
+async def test_a_stale_replica_is_resynced_and_its_share_resent_and_no_replica_left_is_an_error(tiny_policy_dir):
+    """Two replicas and a trainer: a replica that answers with an older policy version (as one restarted behind
+    the pool's back would) has its share re-sent to the other and pulls the current version from the trainer;
+    when every replica is down, generate fails after ``rpc.wait_ready_s``."""
+    from services.orchestrator.metrics import GENERATION_RESHARES
+    from services.orchestrator.replicas import NoReplicaError, ReplicaState
+    from services.trainer.config import TrainerConfig
+    from services.trainer.servicer import ROLE as TRAINER
+
+    trainer_config = TrainerConfig.model_validate({"policy": {"path": str(tiny_policy_dir)}, "server": {"port": 0}})
+    trainer = TRAINER.load_backend(trainer_config)
+    trainer_server, trainer_port = await TRAINER.build_server(trainer_config, trainer)
+    replicas = []
+    for _ in range(2):
+        config = GenerationConfig.model_validate({"model": {"path": str(tiny_policy_dir)}, "server": {"port": 0}})
+        replicas.append(await build_generation(config, GenerationBackend(config)))
+    contexts = [running(server) for server, _ in [(trainer_server, trainer_port), *replicas]]
+    for context in contexts:
+        await context.__aenter__()
+    peers = PeersConfig(generation=[f"127.0.0.1:{port}" for _, port in replicas], trainer=f"127.0.0.1:{trainer_port}")
+    client = GrpcGeneration(peers, RpcConfig(initial_backoff_s=0.05, max_backoff_s=0.1, wait_ready_s=1))
+    prompts = ["the cat is", "we", "she", "the day was"]
+    params = SamplingParams(max_new_tokens=4, seed=1)
+    try:
+        assert (await client.generate(prompts, params)).policy_version == 0
+        trainer.version = 1  # as after a step (the weights are the same; the version is what is checked)
+        assert (await client.sync_weights(1)).version == 1
+        stale_backend = replicas[1][0].servicers[0].backend
+        stale_backend.version = 0  # restarted behind the pool's back: it serves the initial weights again
+        stale = GENERATION_RESHARES.labels("stale")._value.get()
+        rollouts = await client.generate(prompts, params)
+        assert rollouts.policy_version == 1 and rollouts.prompts == prompts
+        assert GENERATION_RESHARES.labels("stale")._value.get() == stale + 1
+        replica = client.pool.replicas[peers.generation[1]]
+        for _ in range(200):  # synced again in the background: pulled version 1 from the trainer
+            if replica.state is ReplicaState.READY:
+                break
+            await asyncio.sleep(0.02)
+        assert replica.state is ReplicaState.READY and stale_backend.version == 1
+        for context in contexts[1:]:  # every replica down
+            await context.__aexit__(None, None, None)
+        contexts = contexts[:1]
+        with pytest.raises(NoReplicaError, match="no generation replica serves policy version 1"):
+            await client.generate(prompts, params)
+    finally:
+        await client.close()
         for context in contexts:
             await context.__aexit__(None, None, None)
 

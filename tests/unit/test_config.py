@@ -79,3 +79,30 @@ def test_example_pipeline_config_is_the_demo_config():
     example = load_config(PipelineConfig, EXAMPLES / "pipeline.yaml")
     demo = PipelineConfig.model_validate({"ppo": {"without_kl": True}})  # what `make demo` runs
     assert example.model_dump() == demo.model_dump()
+
+
+def test_generation_discovery_static_or_kubernetes():
+    from services.orchestrator.config import DiscoveryMode, PeersConfig
+
+    others = {"reward": "r:1", "reference": "f:1", "trainer": "t:1"}
+    # The manifests' form: the generation Service's EndpointSlices; the static list is then ignored.
+    peers = PeersConfig.model_validate(
+        {
+            "generation_discovery": {
+                "mode": "kubernetes",
+                "service": "generation",
+                "namespace": "rlhf",
+                "port_name": "grpc",
+            },
+            **others,
+        }
+    )
+    assert peers.generation_discovery.mode is DiscoveryMode.KUBERNETES and peers.generation_discovery.kubeconfig == ""
+    peers.require_addresses()
+    with pytest.raises(ConfigError, match=r"peers\.generation:"):
+        PeersConfig.model_validate(others).require_addresses()  # static (the default) with no address
+    PeersConfig.model_validate({"generation": "g:1", **others}).require_addresses()
+    with pytest.raises(ValueError, match="service is required"):
+        PeersConfig.model_validate({"generation_discovery": {"mode": "kubernetes", "namespace": "rlhf"}})
+    with pytest.raises(ValueError, match="mode"):
+        PeersConfig.model_validate({"generation_discovery": {"mode": "dns"}})
