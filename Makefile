@@ -62,10 +62,11 @@ format: $(VENV_STAMP)
 deploy: $(VENV_STAMP)
 	.venv/bin/kubectl apply -k deploy/k8s/overlays/$(OVERLAY)
 
-# Re-pin the lock file from the current venv (after changing what is installed).
+# Re-pin the lock file from the current venv (after changing what is installed); setuptools included, since
+# builds (the images, the editable install) need a recent one.
 lock:
 	(echo "# Pinned by 'make lock'. torch is installed first from its CPU wheel (see Makefile)."; \
-	 echo "torch==2.13.0"; $(PIP) freeze --exclude-editable | grep -v '^torch==') > requirements.lock
+	 echo "torch==2.13.0"; $(PIP) freeze --all --exclude-editable | grep -v -e '^torch==' -e '^pip==') > requirements.lock
 
 clean:
 	rm -rf shared/proto/rlhf build .pytest_cache
