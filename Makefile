@@ -7,7 +7,7 @@ GEN_STAMP := shared/proto/rlhf/v1/.stamp
 VENV_STAMP := .venv/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv proto system-deps demo demo-ppo test lint format lock clean deploy
+.PHONY: all venv proto system-deps demo demo-ppo test bench lint format lock clean deploy
 OVERLAY ?= cpu
 
 all: test
@@ -49,6 +49,10 @@ demo-ppo: $(GEN_STAMP)
 
 test: $(GEN_STAMP) system-deps
 	$(PY) -m pytest -q
+
+# Figures side by side with a baseline measured in the same run: gRPC vs in-process loop, packed vs repeated float.
+bench: $(GEN_STAMP)
+	$(PY) -m services.bench
 
 lint: $(VENV_STAMP)
 	.venv/bin/ruff check .
