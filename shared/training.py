@@ -226,3 +226,9 @@ def train_loop(
     if evaluate is not None:
         evaluations.append({"step": step, **evaluate()})
     return {"steps": step, "history": history, "evaluations": evaluations}
+
+
+def loss_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The fields every job's summary starts with: optimizer steps and the first and last training loss."""
+    history = result["history"]
+    return {"steps": result["steps"], "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"]}

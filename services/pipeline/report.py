@@ -30,12 +30,25 @@ def _per_iteration(run_dir: Path) -> dict[str, list[float]]:
     }
 
 
-def plot_ppo(root: Path, runs: list[str]) -> Path:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display here or in a container)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ppo(root: Path, runs: list[str]) -> Path:
+    plt = _pyplot()
     fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
     for name in runs:
         curves = _per_iteration(root / name)
@@ -46,19 +59,11 @@ def plot_ppo(root: Path, runs: list[str]) -> Path:
     ax_kl.set(xlabel="PPO iteration", ylabel="nats per sequence (k1)", title="KL(pi || pi_ref)")
     ax_reward.legend(fontsize=8)
     ax_kl.legend(fontsize=8)
-    fig.tight_layout()
-    path = root / "ppo_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, root / "ppo_curves.png")
 
 
 def plot_policies(root: Path, policies: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     names = [n for n in ORDER if n in policies]
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -72,11 +77,7 @@ def plot_policies(root: Path, policies: dict) -> Path:
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set(ylabel="mean on held-out prompts (95% interval)", title="gold vs proxy reward by policy")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = root / "policies.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, root / "policies.png")
 
 
 def write_report(root: Path, summary: dict) -> Path:

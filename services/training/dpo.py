@@ -28,7 +28,16 @@ from services.training.common import Job, encode_pair, save_atomically, sequence
 from shared.config import StrictModel
 from shared.losses import dpo_loss, ranking_pairs
 from shared.modeling import ModelConfig, load_causal_lm, load_tokenizer
-from shared.training import DataError, OptimConfig, read_rows, require_text, row_location, split, train_loop
+from shared.training import (
+    DataError,
+    OptimConfig,
+    loss_summary,
+    read_rows,
+    require_text,
+    row_location,
+    split,
+    train_loop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +246,7 @@ def run_dpo(config: DPOJobConfig) -> dict:
     last = evaluations[-1] if evaluations else {}
     summary = {
         "job": "dpo",
-        "steps": trained["steps"],
-        "train_loss_first": history[0]["loss"],
-        "train_loss_last": history[-1]["loss"],
+        **loss_summary(trained),
         "eval_loss_first": first.get("eval_loss"),
         "eval_loss": last.get("eval_loss"),
         "reward_accuracy": last.get("reward_accuracy"),

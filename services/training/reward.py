@@ -32,7 +32,16 @@ from services.training.common import Job, save_atomically
 from shared.config import StrictModel
 from shared.losses import bradley_terry_loss, ranking_pairs
 from shared.modeling import ModelConfig
-from shared.training import DataError, OptimConfig, read_rows, require_text, row_location, split, train_loop
+from shared.training import (
+    DataError,
+    OptimConfig,
+    loss_summary,
+    read_rows,
+    require_text,
+    row_location,
+    split,
+    train_loop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +190,9 @@ def run_reward(config: RewardJobConfig) -> dict:
         std=float(train_rewards.std(correction=0)),
         count=train_rewards.numel(),
     )
-    history = result["history"]
     summary = {
         "job": "reward",
-        "steps": result["steps"],
-        "train_loss_first": history[0]["loss"],
-        "train_loss_last": history[-1]["loss"],
+        **loss_summary(result),
         "eval_loss_first": before.get("loss"),
         "eval_loss": after.get("loss"),
         "pair_accuracy_first": before.get("pair_accuracy"),

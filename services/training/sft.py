@@ -25,7 +25,16 @@ from shared.config import StrictModel
 from shared.losses import sft_loss_sum
 from shared.modeling import ModelConfig, load_causal_lm, load_tokenizer
 from shared.sequences import gather_response, pad_prompt_response
-from shared.training import DataError, OptimConfig, read_rows, require_text, row_location, split, train_loop
+from shared.training import (
+    DataError,
+    OptimConfig,
+    loss_summary,
+    read_rows,
+    require_text,
+    row_location,
+    split,
+    train_loop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +236,7 @@ def run_sft(config: SFTJobConfig) -> dict:
     history, evaluations = trained["history"], trained["evaluations"]
     summary = {
         "job": "sft",
-        "steps": trained["steps"],
-        "train_loss_first": history[0]["loss"],
-        "train_loss_last": history[-1]["loss"],
+        **loss_summary(trained),
         "eval_loss_first": first.get("eval_loss"),
         "eval_loss": evaluations[-1]["eval_loss"] if evaluations else None,
         "examples": len(train_examples),
