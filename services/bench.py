@@ -100,7 +100,8 @@ def bench_loop(policy: Path, work: Path, iterations: int, prompts_per_iteration:
     from services.reference.config import ReferenceConfig
     from services.reward.backend import load_backend
     from services.reward.config import RewardConfig
-    from services.trainer.backend import CriticConfig, PPOConfig, TrainerBackend
+    from services.trainer.backend import TrainerBackend
+    from services.trainer.config import CriticConfig, PPOConfig
     from shared.modeling import ModelConfig
     from shared.tiny_models import prompts
 

@@ -57,7 +57,7 @@ class PPOStage(StrictModel):
             "micro_batch_size": 16,
             "kl": {"mode": "adaptive", "init_coef": 0.2, "target": 4.0, "horizon": 256},
         },
-        description="the trainer's ppo section (services.trainer.backend.PPOConfig)",
+        description="the trainer's ppo section (services.trainer.config.PPOConfig)",
     )
     without_kl: bool = Field(
         False, description="also run PPO with beta = 0, to show reward hacking (proxy up, gold behind)"

@@ -8,251 +8,31 @@ Transport-free: the gRPC servicer translates to and from ``RolloutBatch`` / ``Tr
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import math
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file, save_model
-from transformers import AutoModel, PreTrainedModel
+from transformers import PreTrainedModel
 
+from services.trainer.batching import PaddedBatch, pad_batch, pad_right, response_aligned
+from services.trainer.checkpoint import join_optimizer_state, replace_directory, split_optimizer_state
+from services.trainer.config import CriticConfig, CriticInit, KLMode, PPOConfig, ScoreNormalization
+from services.trainer.critic import Critic
 from shared import rl_math
-from shared.config import StrictModel
-from shared.modeling import (
-    ModelConfig,
-    load_causal_lm,
-    load_sequence_classifier,
-    load_tokenizer,
-    resolve_device,
-    torch_dtype,
-)
-from shared.rl_math import KLEstimator
+from shared.modeling import ModelConfig, load_causal_lm, load_tokenizer, resolve_device
 from shared.types import RolloutBatch, TrainStats
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class KLMode(enum.StrEnum):
-    ADAPTIVE = "adaptive"  # Ziegler et al. 2019: beta moves toward the target per-sequence KL
-    FIXED = "fixed"  # constant beta (InstructGPT)
-
-
-class CriticInit(enum.StrEnum):
-    REWARD_MODEL = "reward_model"  # backbone and scoring head of a reward model: values start at the RM score
-    POLICY = "policy"  # backbone of the policy (or another causal LM) with a zero head: values start at 0
-
-
-class ScoreNormalization(enum.StrEnum):
-    NONE = "none"
-    RUNNING = "running"  # (score - running mean) / running std over every score seen so far
-
-
-class KLConfig(StrictModel):
-    mode: KLMode = Field(KLMode.ADAPTIVE, description="adaptive (Ziegler et al. 2019) or fixed KL coefficient")
-    init_coef: float = Field(0.05, ge=0, description="initial (or, when fixed, constant) KL coefficient beta")
-    target: float = Field(
-        6.0, gt=0, description="adaptive: target per-sequence KL(pi || pi_ref) in nats, summed over the response"
-    )
-    horizon: int = Field(10000, gt=0, description="adaptive: samples over which beta may change by 20%")
-    estimator: KLEstimator = Field(KLEstimator.K1, description="per-token KL estimator used in the reward")
-
-
-class PPOConfig(StrictModel):
-    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy")
-    critic_learning_rate: float | None = Field(
-        None, gt=0, description="AdamW learning rate of the critic; none means learning_rate"
-    )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (policy and critic)")
-    ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
-    minibatch_size: int = Field(8, gt=0, description="sequences per optimizer step")
-    micro_batch_size: int = Field(
-        8, gt=0, description="sequences per forward/backward; gradients are accumulated over a minibatch"
-    )
-    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon")
-    clip_range_value: float = Field(0.2, gt=0, description="value clip: new values stay within old +- this")
-    value_coef: float = Field(0.1, ge=0, description="weight of the value loss in the total loss")
-    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus: loss -= entropy_coef * entropy")
-    gamma: float = Field(1.0, ge=0, le=1, description="discount factor")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
-    whiten_advantages: bool = Field(True, description="normalise advantages over the batch's response tokens")
-    score_normalization: ScoreNormalization = Field(
-        ScoreNormalization.NONE, description="normalisation of the reward-model scores before the KL penalty"
-    )
-    score_clip: float | None = Field(
-        None, gt=0, description="clip scores to [-c, c] after normalisation; none disables"
-    )
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm, per model")
-    kl: KLConfig = Field(default_factory=KLConfig, description="KL penalty")
-    seed: int = Field(0, description="seed of the initialisation and of the minibatch shuffling")
-
-    @model_validator(mode="after")
-    def _micro_batch_fits(self) -> PPOConfig:
-        if self.micro_batch_size > self.minibatch_size:
-            raise ValueError(
-                f"micro_batch_size ({self.micro_batch_size}) must be <= minibatch_size ({self.minibatch_size})"
-            )
-        return self
-
-
-class CriticConfig(StrictModel):
-    init: CriticInit = Field(CriticInit.POLICY, description="what the critic starts from")
-    path: str = Field(
-        "", description="model directory to initialise from; empty means the policy's path (reward_model needs it)"
-    )
-
-    @model_validator(mode="after")
-    def _reward_model_needs_path(self) -> CriticConfig:
-        if self.init is CriticInit.REWARD_MODEL and not self.path:
-            raise ValueError("path: init=reward_model needs the reward model's directory")
-        return self
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Critic
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class Critic(torch.nn.Module):
-    """V(s): a scalar value head on a transformer backbone (``AutoModel``, any architecture).
-
-    The head is kept in float32 whatever the backbone dtype: values are regression targets of a few units and
-    bf16's 3 significant digits would make the value loss noisy.
-    """
-
-    def __init__(self, backbone: PreTrainedModel, head: torch.nn.Linear):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    @classmethod
-    def from_policy(cls, config: ModelConfig) -> Critic:
-        """The base transformer of a causal LM and a zero head, so that values start at 0."""
-        backbone = AutoModel.from_pretrained(config.path, dtype=torch_dtype(config.dtype), use_safetensors=True)
-        head = torch.nn.Linear(backbone.config.hidden_size, 1, dtype=torch.float32)
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
-        return cls(backbone, head).to(resolve_device(config.device))
-
-    @classmethod
-    def from_reward_model(cls, config: ModelConfig) -> Critic:
-        """The backbone and scoring head of a ``num_labels=1`` sequence classifier: the critic starts as the RM.
-
-        The RM scores a sequence from the hidden state of its last token, so the critic's value at that token
-        equals the score (exactly so for last-token-pooling models such as Llama; BERT-like models pool elsewhere).
-        """
-        classifier = load_sequence_classifier(config)
-        scoring = next(
-            (
-                module
-                for name in ("score", "classifier")  # Llama/Mistral/GPT-NeoX name it score, BERT-like classifier
-                if isinstance(module := getattr(classifier, name, None), torch.nn.Linear)
-            ),
-            None,
-        )
-        if scoring is None or scoring.out_features != 1:
-            raise ValueError(f"critic.path {config.path}: no single-output linear scoring head (score/classifier)")
-        head = torch.nn.Linear(scoring.in_features, 1, dtype=torch.float32)
-        with torch.no_grad():
-            head.weight.copy_(scoring.weight)
-            head.bias.copy_(scoring.bias if scoring.bias is not None else torch.zeros(1))
-        return cls(classifier.base_model, head).to(resolve_device(config.device))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids and mask -> (B, L) float32 values, one per position (the state after that token)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.head(hidden.float()).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Padding and response alignment
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _PaddedBatch:
-    """Prompt+response sequences, right-padded, and the right-padded responses.
-
-    Right padding keeps the real tokens at their natural positions (0..P+R-1), so position ids need no fix-up
-    and the causal mask already hides the padding from every real token.
-    """
-
-    input_ids: torch.Tensor  # (B, L) int64, prompt_b then response_b then padding
-    attention_mask: torch.Tensor  # (B, L) int64, 1 on real tokens
-    response_ids: torch.Tensor  # (B, T) int64, right-padded
-    response_mask: torch.Tensor  # (B, T) bool, True on real response tokens
-    prompt_lengths: torch.Tensor  # (B,) int64, P_b
-
-    def select(self, rows: torch.Tensor) -> _PaddedBatch:
-        """The samples ``rows``, trimmed to their own longest sequence and response (no wasted compute)."""
-        length = int(self.attention_mask[rows].sum(dim=1).max())
-        width = int(self.response_mask[rows].sum(dim=1).max())
-        return _PaddedBatch(
-            input_ids=self.input_ids[rows, :length],
-            attention_mask=self.attention_mask[rows, :length],
-            response_ids=self.response_ids[rows, :width],
-            response_mask=self.response_mask[rows, :width],
-            prompt_lengths=self.prompt_lengths[rows],
-        )
-
-
-def _pad_right(values: list[torch.Tensor], width: int) -> torch.Tensor:
-    """B ragged 1-D tensors -> (B, width), right-padded with zeros."""
-    out = torch.zeros((len(values), width), dtype=values[0].dtype)
-    for row, value in enumerate(values):
-        out[row, : value.numel()] = value
-    return out
-
-
-def _pad_batch(batch: RolloutBatch, device: torch.device) -> _PaddedBatch:
-    sequences = [torch.cat([p.long(), r.long()]) for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
-    length = max(s.numel() for s in sequences)
-    width = max(r.numel() for r in batch.response_ids)
-    # Padding ids are never attended to nor scored, so any valid id (0) does.
-    input_ids = _pad_right(sequences, length)
-    attention_mask = _pad_right([torch.ones_like(s) for s in sequences], length)
-    response_ids = _pad_right([r.long() for r in batch.response_ids], width)
-    response_lengths = torch.tensor([r.numel() for r in batch.response_ids])
-    return _PaddedBatch(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        response_ids=response_ids.to(device),
-        response_mask=(torch.arange(width)[None, :] < response_lengths[:, None]).to(device),
-        prompt_lengths=torch.tensor([p.numel() for p in batch.prompt_ids], device=device),
-    )
-
-
-def _response_aligned(per_position: torch.Tensor, prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, L, ...) per-position outputs -> (B, width, ...) aligned with the response tokens.
-
-    Response token t of sample b sits at position P_b + t; the logits that predict it, and the hidden state of
-    the state before it (the critic's V(s_t)), sit one earlier, at P_b + t - 1. Indices past the end (padding
-    of shorter responses) are clamped; callers mask those entries out.
-    """
-    batch, length = per_position.shape[:2]
-    index = (prompt_lengths[:, None] - 1 + torch.arange(width, device=per_position.device)).clamp(max=length - 1)
-    rows = torch.arange(batch, device=per_position.device)[:, None]
-    return per_position[rows, index]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Score normalisation
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -277,54 +57,6 @@ class _RunningMoments:
     @property
     def std(self) -> float:
         return math.sqrt(self.m2 / self.count) if self.count else 1.0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Optimizer state <-> safetensors + JSON
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _split_optimizer_state(state_dict: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
-    """Moves the tensors of an optimizer ``state_dict`` into ``tensors`` under ``{prefix}.{param_index}.{name}``
-    and returns the rest (param groups, non-tensor state), which is JSON-serialisable."""
-    plain: dict[str, dict] = {}
-    for index, entries in state_dict["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}.{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                plain.setdefault(str(index), {})[name] = value
-    return {"param_groups": state_dict["param_groups"], "state": plain}
-
-
-def _join_optimizer_state(meta: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
-    """The inverse of ``_split_optimizer_state``: a state dict for ``Optimizer.load_state_dict``."""
-    state: dict[int, dict] = {int(index): dict(entries) for index, entries in meta["state"].items()}
-    for key, value in tensors.items():
-        owner, index, name = key.split(".", 2)
-        if owner == prefix:
-            state.setdefault(int(index), {})[name] = value
-    # JSON turned the betas tuple into a list.
-    groups = [
-        {**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in meta["param_groups"]
-    ]
-    return {"state": state, "param_groups": groups}
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-    """Puts ``staging`` in place of ``directory``: readers see the old or the new checkpoint, never a partial one."""
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-        directory.rename(old)
-    staging.rename(directory)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Backend
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class TrainerBackend:
@@ -389,13 +121,13 @@ class TrainerBackend:
         started = time.perf_counter()
         self._validate(batch)
         ppo = self.ppo
-        padded = _pad_batch(batch, self.device)
+        padded = pad_batch(batch, self.device)
         mask = padded.response_mask  # (B, T)
         batch_size, width = mask.shape
 
         old_logprobs, old_values = self._evaluate(padded)
-        generation_logprobs = _pad_right([lp.float() for lp in batch.generation_logprobs], width).to(self.device)
-        reference_logprobs = _pad_right([lp.float() for lp in batch.reference_logprobs], width).to(self.device)
+        generation_logprobs = pad_right([lp.float() for lp in batch.generation_logprobs], width).to(self.device)
+        reference_logprobs = pad_right([lp.float() for lp in batch.reference_logprobs], width).to(self.device)
 
         raw_scores = batch.scores.float().to(self.device)
         scores = self._shape_scores(raw_scores)
@@ -477,18 +209,18 @@ class TrainerBackend:
             scores = scores.clamp(-self.ppo.score_clip, self.ppo.score_clip)
         return scores
 
-    def _response_logits(self, padded: _PaddedBatch) -> torch.Tensor:
+    def _response_logits(self, padded: PaddedBatch) -> torch.Tensor:
         """(b, T, V) policy logits predicting each response token."""
         logits = self.policy(input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False).logits
-        return _response_aligned(logits, padded.prompt_lengths, padded.response_mask.shape[1])
+        return response_aligned(logits, padded.prompt_lengths, padded.response_mask.shape[1])
 
-    def _response_values(self, padded: _PaddedBatch) -> torch.Tensor:
+    def _response_values(self, padded: PaddedBatch) -> torch.Tensor:
         """(b, T) critic values V(s_t) of the state before each response token."""
         values = self.critic(padded.input_ids, padded.attention_mask)
-        return _response_aligned(values, padded.prompt_lengths, padded.response_mask.shape[1])
+        return response_aligned(values, padded.prompt_lengths, padded.response_mask.shape[1])
 
     @torch.no_grad()
-    def _evaluate(self, padded: _PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _evaluate(self, padded: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Old log-probs and values, (B, T) each, with the trainer's own forward, in micro-batches."""
         batch_size, width = padded.response_mask.shape
         logprobs = torch.zeros(batch_size, width, device=self.device)
@@ -504,7 +236,7 @@ class TrainerBackend:
 
     def _update(
         self,
-        padded: _PaddedBatch,
+        padded: PaddedBatch,
         old_logprobs: torch.Tensor,
         old_values: torch.Tensor,
         advantages: torch.Tensor,
@@ -617,7 +349,7 @@ class TrainerBackend:
             save_model(self.critic, str(staging / "critic.safetensors"))
             tensors: dict[str, torch.Tensor] = {}
             optimizers = {
-                name: _split_optimizer_state(optimizer.state_dict(), name, tensors)
+                name: split_optimizer_state(optimizer.state_dict(), name, tensors)
                 for name, optimizer in self._optimizers.items()
             }
             save_file(tensors, str(staging / "optimizer.safetensors"))
@@ -630,7 +362,7 @@ class TrainerBackend:
                 "optimizers": optimizers,
             }
             (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            _replace_directory(staging, directory)
+            replace_directory(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -657,7 +389,7 @@ class TrainerBackend:
         tensors = load_file(str(directory / "optimizer.safetensors"))
         optimizers = self._make_optimizers(policy)
         for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(_join_optimizer_state(state["optimizers"][name], name, tensors))
+            optimizer.load_state_dict(join_optimizer_state(state["optimizers"][name], name, tensors))
         self.policy = policy
         self.critic.load_state_dict(critic_state, strict=True)
         self._optimizers = optimizers

@@ -1,13 +1,90 @@
-"""Typed config of the trainer service."""
+"""Typed config of the trainer service: one place for every default (PPO, KL, critic, LoRA, precision)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+import enum
 
-from services.trainer.backend import CriticConfig, PPOConfig
+from pydantic import Field, model_validator
+
 from shared.config import StrictModel
 from shared.modeling import ModelConfig
+from shared.rl_math import KLEstimator
 from shared.server import ServerConfig
+
+
+class KLMode(enum.StrEnum):
+    ADAPTIVE = "adaptive"  # Ziegler et al. 2019: beta moves toward the target per-sequence KL
+    FIXED = "fixed"  # constant beta (InstructGPT)
+
+
+class CriticInit(enum.StrEnum):
+    REWARD_MODEL = "reward_model"  # backbone and scoring head of a reward model: values start at the RM score
+    POLICY = "policy"  # backbone of the policy (or another causal LM) with a zero head: values start at 0
+
+
+class ScoreNormalization(enum.StrEnum):
+    NONE = "none"
+    RUNNING = "running"  # (score - running mean) / running std over every score seen so far
+
+
+class KLConfig(StrictModel):
+    mode: KLMode = Field(KLMode.ADAPTIVE, description="adaptive (Ziegler et al. 2019) or fixed KL coefficient")
+    init_coef: float = Field(0.05, ge=0, description="initial (or, when fixed, constant) KL coefficient beta")
+    target: float = Field(
+        6.0, gt=0, description="adaptive: target per-sequence KL(pi || pi_ref) in nats, summed over the response"
+    )
+    horizon: int = Field(10000, gt=0, description="adaptive: samples over which beta may change by 20%")
+    estimator: KLEstimator = Field(KLEstimator.K1, description="per-token KL estimator used in the reward")
+
+
+class PPOConfig(StrictModel):
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy")
+    critic_learning_rate: float | None = Field(
+        None, gt=0, description="AdamW learning rate of the critic; none means learning_rate"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (policy and critic)")
+    ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
+    minibatch_size: int = Field(8, gt=0, description="sequences per optimizer step")
+    micro_batch_size: int = Field(
+        8, gt=0, description="sequences per forward/backward; gradients are accumulated over a minibatch"
+    )
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon")
+    clip_range_value: float = Field(0.2, gt=0, description="value clip: new values stay within old +- this")
+    value_coef: float = Field(0.1, ge=0, description="weight of the value loss in the total loss")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus: loss -= entropy_coef * entropy")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount factor")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    whiten_advantages: bool = Field(True, description="normalise advantages over the batch's response tokens")
+    score_normalization: ScoreNormalization = Field(
+        ScoreNormalization.NONE, description="normalisation of the reward-model scores before the KL penalty"
+    )
+    score_clip: float | None = Field(
+        None, gt=0, description="clip scores to [-c, c] after normalisation; none disables"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm, per model")
+    kl: KLConfig = Field(default_factory=KLConfig, description="KL penalty")
+    seed: int = Field(0, description="seed of the initialisation and of the minibatch shuffling")
+
+    @model_validator(mode="after")
+    def _micro_batch_fits(self) -> PPOConfig:
+        if self.micro_batch_size > self.minibatch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) must be <= minibatch_size ({self.minibatch_size})"
+            )
+        return self
+
+
+class CriticConfig(StrictModel):
+    init: CriticInit = Field(CriticInit.POLICY, description="what the critic starts from")
+    path: str = Field(
+        "", description="model directory to initialise from; empty means the policy's path (reward_model needs it)"
+    )
+
+    @model_validator(mode="after")
+    def _reward_model_needs_path(self) -> CriticConfig:
+        if self.init is CriticInit.REWARD_MODEL and not self.path:
+            raise ValueError("path: init=reward_model needs the reward model's directory")
+        return self
 
 
 class TrainerConfig(StrictModel):

@@ -24,7 +24,8 @@ from services.reference.config import ReferenceConfig
 from services.reward.backend import load_backend
 from services.reward.config import RewardConfig
 from services.reward.servicer import build_server as build_reward
-from services.trainer.backend import CriticConfig, PPOConfig, TrainerBackend
+from services.trainer.backend import TrainerBackend
+from services.trainer.config import CriticConfig, PPOConfig
 from shared.modeling import ModelConfig
 from shared.types import SamplingParams
 from tests.service.grpc_helpers import running

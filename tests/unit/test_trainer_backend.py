@@ -16,16 +16,9 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from services.trainer.backend import (
-    Critic,
-    CriticConfig,
-    CriticInit,
-    KLConfig,
-    KLMode,
-    PPOConfig,
-    ScoreNormalization,
-    TrainerBackend,
-)
+from services.trainer.backend import TrainerBackend
+from services.trainer.config import CriticConfig, CriticInit, KLConfig, KLMode, PPOConfig, ScoreNormalization
+from services.trainer.critic import Critic
 from shared.modeling import ModelConfig, load_causal_lm, load_sequence_classifier
 from shared.types import RolloutBatch
 from tests.helpers import forward_logprobs, sample_tokens
