@@ -62,32 +62,61 @@ class KLEstimator(enum.StrEnum):
 # --------------------------------------------------------------------------------------------------------
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each label under softmax(logits).
+# Rows of (V,) logits turned into float32 at a time: about 256 MiB of temporaries whatever the vocabulary.
+_CHUNK_ELEMENTS = 1 << 26
 
-    ``out[b, t] = log_softmax(logits[b, t])[labels[b, t]] = logits[b, t, y] - logsumexp(logits[b, t])``.
+
+def _row_chunks(logits: torch.Tensor, temperature: float):
+    """Yields float32 (n, V) slices of ``logits`` flattened to rows, divided by the temperature: a few rows at a
+    time, so that no float32 copy of the whole (B, T, V) tensor is ever made at once beyond what autograd keeps."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    rows = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, flat.shape[0], rows):
+        part = flat[start : start + rows].float()  # no copy when already float32
+        yield part / temperature if temperature != 1.0 else part
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each label under softmax(logits / T).
+
+    ``out[b, t] = z[b, t, y] - logsumexp(z[b, t])`` with ``z = logits / T`` and ``y = labels[b, t]``.
 
     Shapes: logits ``(B, T, V)`` (any float dtype), labels ``(B, T)`` int64 -> ``(B, T)`` float32.
 
-    Computed in float32 even for bf16/fp16 logits: bf16 has ~3 significant digits, which is too coarse for
-    the ratios exp(logp - old_logp) that PPO takes. Memory: this materialises a float32 ``(B, T, V)``
-    copy of the logits (plus the log_softmax output); callers with very large ``B*T*V`` should call it on
-    micro-batches.
+    T is the sampling temperature (TRL, OpenRLHF): the policy that sampled at temperature T is softmax(logits / T),
+    so generation, the trainer and the reference all score tokens under it and the PPO ratio starts at 1.
+
+    Computed in float32 even for bf16/fp16 logits (bf16's ~3 significant digits are too coarse for the ratios
+    exp(logp - old_logp) that PPO takes), a few rows at a time: float32 logits with T = 1 are never copied; other
+    dtypes or temperatures make one float32 copy in all (the part autograd keeps), never a log_softmax of the
+    whole tensor.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return torch.gather(logp, dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)
+    flat_labels = labels.reshape(-1, 1).long()
+    out, start = [], 0
+    for part in _row_chunks(logits, temperature):
+        chosen = part.gather(-1, flat_labels[start : start + part.shape[0]]).squeeze(-1)
+        out.append(chosen - torch.logsumexp(part, dim=-1))
+        start += part.shape[0]
+    return torch.cat(out).reshape(labels.shape)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of softmax(logits): ``H = -sum_v p_v log p_v``.
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy in nats of softmax(logits / T): ``H = -sum_v p_v log p_v``.
 
     Shapes: ``(B, T, V)`` -> ``(B, T)`` float32. Logits of ``-inf`` (masked-out vocabulary entries) are
-    allowed and contribute 0 (the limit of p log p as p -> 0), with finite gradients.
+    allowed and contribute 0 (the limit of p log p as p -> 0), with finite gradients. Computed a few rows at a
+    time, as ``logprobs_from_logits``.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    # Clamp so that p = 0 entries give 0 * finite instead of 0 * (-inf) = nan (forward and backward).
-    logp_finite = logp.clamp(min=torch.finfo(logp.dtype).min)
-    return -(logp.exp() * logp_finite).sum(dim=-1)
+    out = []
+    for part in _row_chunks(logits, temperature):
+        logp = torch.log_softmax(part, dim=-1)
+        # Clamp so that p = 0 entries give 0 * finite instead of 0 * (-inf) = nan (forward and backward).
+        logp_finite = logp.clamp(min=torch.finfo(logp.dtype).min)
+        out.append(-(logp.exp() * logp_finite).sum(dim=-1))
+    return torch.cat(out).reshape(logits.shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------------------

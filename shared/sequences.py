@@ -56,13 +56,14 @@ def response_logprobs_padded(
     attention_mask: torch.Tensor,
     prompt_lengths: torch.Tensor,
     response_mask: torch.Tensor,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """log pi(response_t | prefix) for a padded batch: (B, R) float32, zero where ``response_mask`` is 0."""
+    """log softmax(logits / T)[response_t] for a padded batch: (B, R) float32, zero where ``response_mask`` is 0."""
     width = response_mask.shape[1]
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, L, V)
     logits = gather_response(logits, prompt_lengths, width, shift=1)  # (B, R, V): only response positions
     labels = gather_response(input_ids, prompt_lengths, width, shift=0)  # (B, R)
-    return logprobs_from_logits(logits, labels) * response_mask.to(logits.device)
+    return logprobs_from_logits(logits, labels, temperature) * response_mask.to(logits.device)
 
 
 @torch.no_grad()
@@ -72,8 +73,10 @@ def response_logprobs(
     response_ids: list[torch.Tensor],
     pad_token_id: int,
     micro_batch_size: int,
+    temperature: float = 1.0,
 ) -> list[torch.Tensor]:
-    """Per-sample log-probs of the response tokens, computed in micro-batches: B x (R_i,) float32 on CPU."""
+    """Per-sample log-probs of the response tokens under softmax(logits / temperature), computed in
+    micro-batches: B x (R_i,) float32 on CPU."""
     device = next(model.parameters()).device
     results: list[torch.Tensor] = []
     for start in range(0, len(prompt_ids), micro_batch_size):
@@ -82,7 +85,7 @@ def response_logprobs(
         input_ids, attention_mask, prompt_lengths, response_mask = pad_prompt_response(prompts, responses, pad_token_id)
         logprobs = (
             response_logprobs_padded(
-                model, input_ids.to(device), attention_mask.to(device), prompt_lengths, response_mask
+                model, input_ids.to(device), attention_mask.to(device), prompt_lengths, response_mask, temperature
             )
             .float()
             .cpu()

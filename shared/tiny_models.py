@@ -136,7 +136,7 @@ def build_tokenizer(vocab_size: int = 640, seed: int = 0) -> PreTrainedTokenizer
     )
 
 
-def _llama_config(tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int) -> LlamaConfig:
+def _llama_config(tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int, tied: bool = False) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -148,17 +148,31 @@ def _llama_config(tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int) 
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
 
 
-def build_policy(directory: Path | str, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """Writes a randomly initialised tiny causal LM and its tokenizer to ``directory`` (safetensors)."""
+def build_policy(
+    directory: Path | str,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    tied: bool = False,
+    generation_defaults: dict | None = None,
+) -> Path:
+    """Writes a randomly initialised tiny causal LM and its tokenizer to ``directory`` (safetensors).
+
+    ``tied``: the output head shares the input embedding (``tie_word_embeddings``, as in Qwen2.5, Llama-3.2 1B/3B,
+    SmolLM2 and Gemma). ``generation_defaults``: sampling settings written to its ``generation_config.json``, as
+    instruct models ship them (e.g. ``{"do_sample": True, "temperature": 0.6, "top_p": 0.9}``).
+    """
     directory = Path(directory)
     tokenizer = build_tokenizer(seed=seed)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(_llama_config(tokenizer, hidden, layers))
+    model = LlamaForCausalLM(_llama_config(tokenizer, hidden, layers, tied))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    for key, value in (generation_defaults or {}).items():
+        setattr(model.generation_config, key, value)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory

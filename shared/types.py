@@ -27,6 +27,12 @@ class SamplingParams:
     seed: int | None = None
     samples_per_prompt: int = 1
 
+    @property
+    def logprob_temperature(self) -> float:
+        """T in log softmax(logits / T): the distribution tokens are drawn from (before top-p/top-k), which every
+        role's log-probs use so that the PPO ratio and the KL compare the policy that sampled. Greedy: 1."""
+        return self.temperature if self.temperature > 0 else 1.0
+
 
 @dataclass
 class Sample:
@@ -35,7 +41,7 @@ class Sample:
     prompt_index: int  # which prompt of the request this answers
     prompt_ids: torch.Tensor  # (P,) int64
     response_ids: torch.Tensor  # (R,) int64, EOS included when finish_reason is EOS
-    response_logprobs: torch.Tensor  # (R,) float32, log pi(a_t | s_t) of each sampled token, unmodified logits
+    response_logprobs: torch.Tensor  # (R,) float32, log softmax(logits / T)[a_t], T = logprob_temperature
     text: str  # decoded response, special tokens skipped
     finish_reason: FinishReason
     policy_version: int
@@ -51,6 +57,7 @@ class RolloutBatch:
     reference_logprobs: list[torch.Tensor]  # B x (R_i,) float32, log pi_ref of each response token
     generation_logprobs: list[torch.Tensor]  # B x (R_i,) float32, log pi_old as reported by generation
     policy_version: int = 0  # version of the policy that generated the batch
+    temperature: float = 1.0  # T of every log-prob here and in the trainer: log softmax(logits / T)
 
     def __len__(self) -> int:
         return len(self.response_ids)

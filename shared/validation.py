@@ -39,3 +39,9 @@ def check_row_lengths(rows: list[torch.Tensor], like: list[torch.Tensor], field:
     for i, (row, other) in enumerate(zip(rows, like, strict=True)):
         if row.numel() != other.numel():
             raise InvalidInput(f"{field}[{i}]", f"has {row.numel()} values but {like_field}[{i}] has {other.numel()}")
+
+
+def check_temperature(temperature: float, field: str) -> None:
+    """A log-prob temperature: finite and > 0 (callers read an unset 0 as 1 before checking)."""
+    if not (temperature > 0 and temperature < float("inf")):
+        raise InvalidInput(field, f"must be finite and > 0, got {temperature}")

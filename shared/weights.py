@@ -19,6 +19,52 @@ from shared.proto.rlhf.v1 import weights_pb2
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: canonical name} for every state-dict entry that is another name of an earlier entry's tensor.
+
+    A model with tied input and output embeddings (Qwen2.5, Llama-3.2 1B/3B, SmolLM2, Gemma) lists the same tensor
+    twice, e.g. ``lm_head.weight`` for ``model.embed_tokens.weight``. ``save_pretrained`` stores it once, under the
+    first name; a complete update does the same.
+    """
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in model.state_dict().items():
+        if not tensor.numel():
+            continue
+        key = _storage_key(tensor)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+    return aliases
+
+
+def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every tensor under one name (tied aliases left out), as safetensors stores it.
+
+    The tensors share storage with the model (no copy): writing into one changes the model, and through the shared
+    storage every alias of it too.
+    """
+    aliases = tied_aliases(model)
+    return {name: tensor for name, tensor in model.state_dict().items() if name not in aliases}
+
+
+@torch.no_grad()
+def load_unique_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copies a complete ``unique_state``-shaped state dict into the model in place (cast to the model's dtype).
+
+    In place, so that tied weights stay tied: the embedding and the head share one tensor, and writing it once
+    updates both. The caller has checked that ``state`` names every tensor of ``unique_state(model)``.
+    """
+    target = unique_state(model)
+    for name, tensor in state.items():
+        target[name].copy_(tensor)
+
+
 def chunk_weights(
     named_tensors: list[tuple[str, torch.Tensor]], version: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[weights_pb2.WeightChunk]:
@@ -53,8 +99,9 @@ class _Pending:
 class WeightAssembler:
     """Collects the chunks of one update and checks them against the model's own state dict."""
 
-    def __init__(self, expected: dict[str, torch.Tensor], current_version: int):
+    def __init__(self, expected: dict[str, torch.Tensor], current_version: int, aliases: dict[str, str] | None = None):
         self._expected = {name: (t.dtype, tuple(t.shape)) for name, t in expected.items()}
+        self._aliases = aliases or {}
         self._current_version = current_version
         self._pending: dict[str, _Pending] = {}
         self.version: int | None = None
@@ -70,6 +117,12 @@ class WeightAssembler:
             self.version, self.total_tensors = chunk.version, chunk.total_tensors
         elif chunk.version != self.version:
             raise InvalidInput("version", f"changed within one update ({self.version} -> {chunk.version})")
+        if chunk.name in self._aliases:
+            raise InvalidInput(
+                "name",
+                f"{chunk.name!r} is tied to {self._aliases[chunk.name]!r} in this model but the sender sends it as a "
+                "separate tensor: the two models differ in tie_word_embeddings",
+            )
         if chunk.name not in self._expected:
             raise InvalidInput("name", f"unknown parameter {chunk.name!r} for this model")
         dtype = codec.dtype_from_pb(chunk.dtype, "dtype")
@@ -112,9 +165,14 @@ class WeightAssembler:
         return state
 
 
-def assemble(chunks: Iterable[weights_pb2.WeightChunk], expected: dict[str, torch.Tensor], current: int):
+def assemble(
+    chunks: Iterable[weights_pb2.WeightChunk],
+    expected: dict[str, torch.Tensor],
+    current: int,
+    aliases: dict[str, str] | None = None,
+):
     """Synchronous convenience for tests and in-process use: returns (version, state dict, bytes)."""
-    assembler = WeightAssembler(expected, current)
+    assembler = WeightAssembler(expected, current, aliases)
     for chunk in chunks:
         assembler.add(chunk)
     return assembler.version, assembler.finish(), assembler.bytes

@@ -14,6 +14,18 @@ def tiny_policy_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_tied_policy_dir(tmp_path_factory):
+    """The tiny Llama with tied input/output embeddings, as most small real checkpoints ship."""
+    return build_policy(tmp_path_factory.mktemp("tiny-tied-policy"), tied=True)
+
+
+@pytest.fixture(scope="session", params=["untied", "tied"])
+def policy_shape_dir(request, tiny_policy_dir, tiny_tied_policy_dir):
+    """Both shapes of the tiny policy: separate output head, and head tied to the input embedding."""
+    return tiny_tied_policy_dir if request.param == "tied" else tiny_policy_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_reward_dir(tmp_path_factory):
     """A randomly initialised tiny Llama sequence classifier with one label + tokenizer."""
     return build_reward_model(tmp_path_factory.mktemp("tiny-reward"))
@@ -36,5 +48,15 @@ def pretrained_policy_dir(tmp_path_factory):
     from shared.tiny_models import pretrain
 
     directory = build_policy(tmp_path_factory.mktemp("pretrained-policy"))
+    pretrain(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def pretrained_tied_policy_dir(tmp_path_factory):
+    """The pretrained tiny policy with tied embeddings (the shape of SmolLM2, Qwen2.5, Llama-3.2 1B/3B)."""
+    from shared.tiny_models import pretrain
+
+    directory = build_policy(tmp_path_factory.mktemp("pretrained-tied-policy"), tied=True)
     pretrain(directory)
     return directory

@@ -2,19 +2,79 @@
 
 Every call runs on the service's single model thread, so a weight swap can only happen between two batches:
 no batch ever sees half-updated weights.
+
+Sampling is exactly what the caller asked for: the model's own ``generation_config.json`` (instruct models ship
+one with ``temperature``, ``top_p``, ``do_sample``, repetition penalties) is never merged into a request.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from services.generation.config import GenerationConfig
 from shared.errors import InvalidInput, TooLarge
 from shared.modeling import load_causal_lm, load_tokenizer
-from shared.rl_math import logprobs_from_logits
 from shared.types import FinishReason, Sample, SamplingParams
 from shared.validation import check_batch_size, check_token_rows
+from shared.weights import WeightAssembler, load_unique_state, tied_aliases, unique_state
+
+log = logging.getLogger(__name__)
+
+# Keys of a generation_config.json that change what is sampled; a request's SamplingParams decide them instead.
+_SAMPLING_KEYS = (
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "encoder_repetition_penalty",
+    "length_penalty",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "min_length",
+    "min_new_tokens",
+)
+
+
+class ChosenTokenLogprobs(LogitsProcessor):
+    """Records log softmax(logits / T) of every sampled token while ``generate`` runs, one step behind.
+
+    ``generate`` calls its processors with the logits of step t before sampling; the token sampled at step t
+    shows up as the last input id at step t + 1 (and the last one in the output sequences). Passed to
+    ``generate`` it runs before the sampling warpers (temperature, top-k, top-p) and after nothing else (the
+    generation config is neutral), so it sees the model's raw logits. Only one (B, V) float32 row of log-probs is
+    alive at a time: no (B, N, V) stack of every step's logits.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self._previous: torch.Tensor | None = None  # (B, V) log-probs of the last step
+        self._chosen: list[torch.Tensor] = []  # N x (B,)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._previous is not None:
+            self._chosen.append(self._previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self._previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+        """(B, N) float32 log-probs of ``generated`` (B, N), the tokens ``generate`` returned."""
+        if self._previous is not None and generated.shape[1] > len(self._chosen):
+            self._chosen.append(self._previous.gather(1, generated[:, -1:].to(self._previous.device)).squeeze(1))
+        self._previous = None
+        if len(self._chosen) != generated.shape[1]:
+            raise RuntimeError(f"recorded {len(self._chosen)} log-probs for {generated.shape[1]} generated tokens")
+        return torch.stack(self._chosen, dim=1)
 
 
 class GenerationBackend:
@@ -23,6 +83,7 @@ class GenerationBackend:
         self.tokenizer = load_tokenizer(config.model, padding_side="left")
         self.model = load_causal_lm(config.model).eval()
         self.model.requires_grad_(False)
+        self._ignore_model_sampling_defaults()
         self.device = next(self.model.parameters()).device
         self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
         self.eos_token_id = int(self.tokenizer.eos_token_id)
@@ -91,6 +152,8 @@ class GenerationBackend:
             input_ids[row, width - prompt.numel() :] = prompt
             attention_mask[row, width - prompt.numel() :] = 1
         sampling = params.temperature > 0
+        # Built from scratch and passed with use_model_defaults=False: nothing of the model's own
+        # generation_config.json is merged in, so a request for temperature 1.0 or for greedy gets exactly that.
         generation_config = HFGenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=sampling,
@@ -100,17 +163,18 @@ class GenerationBackend:
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
-            return_dict_in_generate=True,
-            output_logits=True,  # the raw logits: log-probs under the policy itself, before temperature/top-p/top-k
         )
-        output = self.model.generate(
+        recorder = ChosenTokenLogprobs(params.logprob_temperature)
+        sequences = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=generation_config,
+            logits_processor=LogitsProcessorList([recorder]),
+            use_model_defaults=False,
         )
-        generated = output.sequences[:, width:].cpu()  # (B, N)
-        logits = torch.stack(output.logits, dim=1)  # (B, N, V)
-        logprobs = logprobs_from_logits(logits, generated.to(logits.device)).cpu()  # (B, N) float32
+        generated = sequences[:, width:]  # (B, N)
+        logprobs = recorder.finish(generated).cpu()  # (B, N) float32, log softmax(logits / T) of each token
+        generated = generated.cpu()
         samples = []
         for row, (prompt_index, prompt) in enumerate(items):
             tokens = generated[row]
@@ -135,15 +199,27 @@ class GenerationBackend:
 
     # -- weights --------------------------------------------------------------------------------------------------
 
-    def state_shapes(self) -> dict[str, torch.Tensor]:
-        """The model's state dict (the names and shapes an update must match)."""
-        return self.model.state_dict()
+    def weight_assembler(self) -> WeightAssembler:
+        """Collects one update: every tensor of the model under one name (a tied head comes with its embedding)."""
+        return WeightAssembler(unique_state(self.model), self.version, tied_aliases(self.model))
 
     def swap_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Loads a complete state dict and sets the version. Runs on the model thread, between batches."""
-        with torch.no_grad():
-            self.model.load_state_dict(state, strict=True)
+        """Copies a complete state in place and sets the version. Runs on the model thread, between batches.
+
+        In place, so tied weights stay one tensor: a new embedding is the new head too."""
+        load_unique_state(self.model, state)
         self.version = version
+
+    def _ignore_model_sampling_defaults(self) -> None:
+        """Says which of the model's generation_config.json sampling settings requests override (all of them)."""
+        defaults = HFGenerationConfig()
+        own = {
+            key: getattr(self.model.generation_config, key, None)
+            for key in _SAMPLING_KEYS
+            if getattr(self.model.generation_config, key, None) != getattr(defaults, key, None)
+        }
+        if own:
+            log.info("the model's generation_config sets %s: not used, every request's sampling parameters are", own)
 
     def warm_up(self) -> None:
         self.generate([torch.tensor([self.eos_token_id])], SamplingParams(max_new_tokens=2, seed=0))

@@ -23,7 +23,6 @@ from shared.proto.rlhf.v1 import (
 )
 from shared.server import BackendHolder, Role, Server, build_grpc_server, grpc_options
 from shared.types import FinishReason, Sample, SamplingParams
-from shared.weights import WeightAssembler
 from shared.worker import ModelWorker
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -45,7 +44,7 @@ def sampling_from_pb(message: generation_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def samples_to_pb(samples: list[Sample], version: int) -> generation_pb2.GenerateResponse:
+def samples_to_pb(samples: list[Sample], version: int, temperature: float) -> generation_pb2.GenerateResponse:
     return generation_pb2.GenerateResponse(
         prompt_ids=codec.ragged_to_pb([s.prompt_ids for s in samples], torch.int64),
         response_ids=codec.ragged_to_pb([s.response_ids for s in samples], torch.int64),
@@ -54,6 +53,7 @@ def samples_to_pb(samples: list[Sample], version: int) -> generation_pb2.Generat
         finish_reasons=[_FINISH_TO_PB[s.finish_reason] for s in samples],
         prompt_index=[s.prompt_index for s in samples],
         policy_version=version,
+        logprob_temperature=temperature,
     )
 
 
@@ -98,7 +98,7 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
         backend.validate(prompts, params)
         samples = await self.worker.run(self._generate, prompts, params)
         # One model-thread call = one weights version for the whole batch.
-        return samples_to_pb(samples, samples[0].policy_version)
+        return samples_to_pb(samples, samples[0].policy_version, params.logprob_temperature)
 
     async def UpdateWeights(self, request_iterator: AsyncIterator[weights_pb2.WeightChunk], context):
         return await self._apply(request_iterator)
@@ -117,7 +117,7 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
         backend: GenerationBackend = self.backend
         async with self._update_lock:
             start = time.perf_counter()
-            assembler = WeightAssembler(backend.state_shapes(), backend.version)
+            assembler = backend.weight_assembler()
             async for chunk in chunks:
                 assembler.add(chunk)
             state = assembler.finish()

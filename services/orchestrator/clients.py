@@ -51,6 +51,7 @@ class Rollouts:
     finish_reasons: list[str]  # per sample, "eos" or "length"
     policy_version: int  # version of the weights that produced them
     tokens: Any  # opaque: handed unchanged to the reference and trainer clients of the same kind
+    temperature: float = 1.0  # T of every log-prob of these samples: log softmax(logits / T) (1 for greedy)
 
 
 @dataclass
@@ -267,6 +268,7 @@ class GrpcGeneration:
             finish_reasons=[_FINISH.get(f, "unspecified") for f in merged.finish_reasons],
             policy_version=merged.policy_version,
             tokens=merged,
+            temperature=params.logprob_temperature,
         )
 
     def _settle(self, call: asyncio.Task, replica: Replica, version: int) -> str | None:
@@ -366,7 +368,9 @@ class GrpcReference:
 
     async def logprobs(self, rollouts: Rollouts) -> tensor_pb2.RaggedTensor:
         reply_in: generation_pb2.GenerateResponse = rollouts.tokens
-        request = reference_pb2.LogProbsRequest(prompt_ids=reply_in.prompt_ids, response_ids=reply_in.response_ids)
+        request = reference_pb2.LogProbsRequest(
+            prompt_ids=reply_in.prompt_ids, response_ids=reply_in.response_ids, temperature=rollouts.temperature
+        )
         reply = await self.retry(
             "LogProbs",
             lambda t: self.stub.LogProbs(request, timeout=t, metadata=context_metadata()),
@@ -393,6 +397,7 @@ class GrpcTrainer:
             reference_logprobs=reference_logprobs,
             generation_logprobs=generated.response_logprobs,
             policy_version=generated.policy_version,
+            temperature=rollouts.temperature,
         )
         reply = await self.retry(
             "TrainStep",

@@ -15,7 +15,7 @@ from services.reference.backend import ReferenceBackend
 from services.reward.backend import RewardBackend
 from services.trainer.backend import TrainerBackend
 from shared.types import RolloutBatch, Sample, SamplingParams, TrainStats
-from shared.weights import assemble, chunk_weights
+from shared.weights import chunk_weights
 from shared.worker import ModelWorker
 
 
@@ -36,15 +36,18 @@ class InProcessGeneration:
             finish_reasons=[s.finish_reason.value for s in samples],
             policy_version=samples[0].policy_version,
             tokens=samples,
+            temperature=params.logprob_temperature,
         )
 
     async def sync_weights(self, version: int) -> WeightSync:
         # The same chunking and checks as over the wire, minus the transport.
         start = time.perf_counter()
-        chunks = list(chunk_weights(list(self.trainer.policy_state()), self.trainer.version))
-        new_version, state, size = assemble(chunks, self.backend.state_shapes(), self.backend.version)
-        await self.worker.run(self.backend.swap_weights, state, new_version)
-        return WeightSync(version=new_version, bytes=size, seconds=time.perf_counter() - start)
+        assembler = self.backend.weight_assembler()
+        for chunk in chunk_weights(list(self.trainer.policy_state()), self.trainer.version):
+            assembler.add(chunk)
+        state = assembler.finish()
+        await self.worker.run(self.backend.swap_weights, state, assembler.version)
+        return WeightSync(version=assembler.version, bytes=assembler.bytes, seconds=time.perf_counter() - start)
 
 
 class InProcessReward:
@@ -63,7 +66,8 @@ class InProcessReference:
 
     async def logprobs(self, rollouts: Rollouts) -> list[torch.Tensor]:
         samples: list[Sample] = rollouts.tokens
-        return await self.worker.run(self.backend.logprobs, [(s.prompt_ids, s.response_ids) for s in samples])
+        pairs = [(s.prompt_ids, s.response_ids) for s in samples]
+        return await self.worker.run(self.backend.logprobs, pairs, rollouts.temperature)
 
 
 class InProcessTrainer:
@@ -80,6 +84,7 @@ class InProcessTrainer:
             reference_logprobs=list(reference_logprobs),
             generation_logprobs=[s.response_logprobs for s in samples],
             policy_version=rollouts.policy_version,
+            temperature=rollouts.temperature,
         )
         return await self.worker.run(self.backend.train_step, batch)
 

@@ -8,7 +8,7 @@ from services.reference.config import ReferenceConfig
 from shared.errors import TooLarge
 from shared.modeling import load_causal_lm
 from shared.sequences import response_logprobs
-from shared.validation import check_batch_size, check_same_rows, check_token_rows
+from shared.validation import check_batch_size, check_same_rows, check_temperature, check_token_rows
 
 
 class ReferenceBackend:
@@ -20,7 +20,10 @@ class ReferenceBackend:
         pad = self.model.config.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.model.config.eos_token_id or 0)
 
-    def validate(self, prompt_ids: list[torch.Tensor], response_ids: list[torch.Tensor]) -> None:
+    def validate(
+        self, prompt_ids: list[torch.Tensor], response_ids: list[torch.Tensor], temperature: float = 1.0
+    ) -> None:
+        check_temperature(temperature, "temperature")
         check_batch_size(len(prompt_ids), "prompt_ids", self.config.max_batch)
         check_same_rows(prompt_ids, response_ids, "prompt_ids", "response_ids")
         check_token_rows(prompt_ids, "prompt_ids", self.vocab_size)
@@ -33,11 +36,14 @@ class ReferenceBackend:
                     f"{self.config.max_tokens_per_sample}",
                 )
 
-    def logprobs(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """log pi_ref of each response token; ``pairs`` are (prompt_ids, response_ids). Runs on the model thread."""
+    def logprobs(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], temperature: float = 1.0) -> list[torch.Tensor]:
+        """log pi_ref of each response token under softmax(logits / temperature); ``pairs`` are (prompt_ids,
+        response_ids). Runs on the model thread."""
         prompts = [p for p, _ in pairs]
         responses = [r for _, r in pairs]
-        return response_logprobs(self.model, prompts, responses, self.pad_token_id, self.config.micro_batch_size)
+        return response_logprobs(
+            self.model, prompts, responses, self.pad_token_id, self.config.micro_batch_size, temperature
+        )
 
     def warm_up(self) -> None:
         token = torch.tensor([self.pad_token_id], dtype=torch.int64)

@@ -27,11 +27,17 @@ class ReferenceServicer(BackendHolder, reference_pb2_grpc.ReferenceServicer):
         super().attach(backend)
         metrics.track_device_memory("reference", backend.model.device)
 
-    def _logprobs(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """One merged model call on the model thread, timed and recorded."""
+    def _logprobs(self, items: list[tuple[torch.Tensor, torch.Tensor, float]]) -> list[torch.Tensor]:
+        """One merged model call on the model thread (one per temperature among the merged requests), timed and
+        recorded. ``items`` are (prompt_ids, response_ids, temperature)."""
         start = time.perf_counter()
-        logprobs = self.backend.logprobs(pairs)
-        tokens = sum(int(prompt.numel() + response.numel()) for prompt, response in pairs)
+        logprobs: list[torch.Tensor | None] = [None] * len(items)
+        for temperature in sorted({t for _, _, t in items}):
+            rows = [i for i, item in enumerate(items) if item[2] == temperature]
+            pairs = [(items[i][0], items[i][1]) for i in rows]
+            for i, values in zip(rows, self.backend.logprobs(pairs, temperature), strict=True):
+                logprobs[i] = values
+        tokens = sum(int(prompt.numel() + response.numel()) for prompt, response, _ in items)
         metrics.observe_model_call("reference", len(pairs), tokens, time.perf_counter() - start)
         return logprobs
 
@@ -42,8 +48,9 @@ class ReferenceServicer(BackendHolder, reference_pb2_grpc.ReferenceServicer):
         backend: ReferenceBackend = self.backend  # UNAVAILABLE while the model is loading
         prompt_ids = codec.ragged_from_pb(request.prompt_ids, "prompt_ids")
         response_ids = codec.ragged_from_pb(request.response_ids, "response_ids")
-        backend.validate(prompt_ids, response_ids)
-        logprobs = await self.queue.submit(list(zip(prompt_ids, response_ids, strict=True)))
+        temperature = request.temperature or 1.0
+        backend.validate(prompt_ids, response_ids, temperature)
+        logprobs = await self.queue.submit([(p, r, temperature) for p, r in zip(prompt_ids, response_ids, strict=True)])
         return reference_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(logprobs, torch.float32))
 
 

@@ -29,6 +29,7 @@ from services.trainer.critic import Critic
 from shared import rl_math
 from shared.modeling import ModelConfig, load_causal_lm, load_tokenizer, resolve_device
 from shared.types import RolloutBatch, TrainStats
+from shared.weights import unique_state
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class TrainerBackend:
         mask = padded.response_mask  # (B, T)
         batch_size, width = mask.shape
 
-        old_logprobs, old_values = self._evaluate(padded)
+        old_logprobs, old_values = self._evaluate(padded, batch.temperature)
         generation_logprobs = pad_right([lp.float() for lp in batch.generation_logprobs], width).to(self.device)
         reference_logprobs = pad_right([lp.float() for lp in batch.reference_logprobs], width).to(self.device)
 
@@ -138,7 +139,7 @@ class TrainerBackend:
         if ppo.whiten_advantages and int(mask.sum()) >= 2:  # whitening needs a variance, so two tokens
             advantages = rl_math.masked_whiten(advantages, mask)
 
-        update = self._update(padded, old_logprobs, old_values, advantages, returns)
+        update = self._update(padded, old_logprobs, old_values, advantages, returns, batch.temperature)
 
         sequence_kl = float(rl_math.masked_sum(kl, mask, dim=1).mean())
         self._kl_controller.update(sequence_kl, n_steps=batch_size)
@@ -175,6 +176,8 @@ class TrainerBackend:
         size = len(batch.response_ids)
         if size == 0:
             raise ValueError("response_ids: the batch is empty")
+        if not (batch.temperature > 0 and math.isfinite(batch.temperature)):
+            raise ValueError(f"temperature: must be finite and > 0, got {batch.temperature}")
         for name in ("prompt_ids", "reference_logprobs", "generation_logprobs"):
             if len(getattr(batch, name)) != size:
                 raise ValueError(f"{name}: {len(getattr(batch, name))} entries, but response_ids has {size}")
@@ -220,8 +223,9 @@ class TrainerBackend:
         return response_aligned(values, padded.prompt_lengths, padded.response_mask.shape[1])
 
     @torch.no_grad()
-    def _evaluate(self, padded: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Old log-probs and values, (B, T) each, with the trainer's own forward, in micro-batches."""
+    def _evaluate(self, padded: PaddedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Old log-probs (under softmax(logits / temperature)) and values, (B, T) each, with the trainer's own
+        forward, in micro-batches."""
         batch_size, width = padded.response_mask.shape
         logprobs = torch.zeros(batch_size, width, device=self.device)
         values = torch.zeros(batch_size, width, device=self.device)
@@ -229,7 +233,7 @@ class TrainerBackend:
             micro = padded.select(rows)
             micro_width = micro.response_mask.shape[1]
             logprobs[rows, :micro_width] = rl_math.logprobs_from_logits(
-                self._response_logits(micro), micro.response_ids
+                self._response_logits(micro), micro.response_ids, temperature
             )
             values[rows, :micro_width] = self._response_values(micro)
         return logprobs, values
@@ -241,6 +245,7 @@ class TrainerBackend:
         old_values: torch.Tensor,
         advantages: torch.Tensor,
         returns: torch.Tensor,
+        temperature: float,
     ) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled minibatches, one optimizer step per minibatch.
 
@@ -272,10 +277,10 @@ class TrainerBackend:
                     adv, ret = advantages[rows, :width], returns[rows, :width]
 
                     logits = self._response_logits(micro)
-                    logprobs = rl_math.logprobs_from_logits(logits, micro.response_ids)
+                    logprobs = rl_math.logprobs_from_logits(logits, micro.response_ids, temperature)
                     # Only keep the entropy's graph when it is part of the loss (it costs a float32 (b, T, V)).
                     with torch.set_grad_enabled(ppo.entropy_coef > 0):
-                        entropy = rl_math.entropy_from_logits(logits)
+                        entropy = rl_math.entropy_from_logits(logits, temperature)
                     values = self._response_values(micro)
 
                     policy_sum = rl_math.policy_loss_sum(logprobs, old_lp, adv, mask, ppo.clip_range)
@@ -325,12 +330,7 @@ class TrainerBackend:
         Tied weights (e.g. lm_head tied to the embeddings) appear once, under the first name, as in
         ``save_pretrained``. Each tensor is a copy, so a consumer never sees a later update.
         """
-        seen: set[tuple[torch.device, int, tuple[int, ...]]] = set()
-        for name, tensor in self.policy.state_dict().items():
-            identity = (tensor.device, tensor.data_ptr(), tuple(tensor.shape))
-            if tensor.numel() and identity in seen:
-                continue
-            seen.add(identity)
+        for name, tensor in unique_state(self.policy).items():
             yield name, tensor.detach().to("cpu", copy=True).contiguous()
 
     def save_checkpoint(self, directory: Path) -> Path:

@@ -19,7 +19,7 @@ from shared.errors import InvalidInput
 from shared.proto.rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from shared.server import BackendHolder, Role, Server, build_grpc_server
 from shared.types import RolloutBatch, TrainStats
-from shared.validation import check_batch_size, check_row_lengths, check_token_rows
+from shared.validation import check_batch_size, check_row_lengths, check_temperature, check_token_rows
 from shared.weights import chunk_weights
 from shared.worker import ModelWorker
 
@@ -41,6 +41,7 @@ def rollout_from_pb(request: trainer_pb2.TrainStepRequest) -> RolloutBatch:
         reference_logprobs=[r.to(torch.float32) for r in reference],
         generation_logprobs=[g.to(torch.float32) for g in generation],
         policy_version=request.policy_version,
+        temperature=request.temperature or 1.0,
     )
 
 
@@ -75,6 +76,7 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         backend: TrainerBackend = self.backend
         vocab = backend.policy.get_input_embeddings().num_embeddings
         check_batch_size(len(batch.prompt_ids), "prompt_ids", self.config.max_batch)
+        check_temperature(batch.temperature, "temperature")
         check_token_rows(batch.prompt_ids, "prompt_ids", vocab)
         check_token_rows(batch.response_ids, "response_ids", vocab)
         check_row_lengths(batch.reference_logprobs, batch.response_ids, "reference_logprobs", "response_ids")

@@ -21,11 +21,14 @@ ITERATIONS = 12
 
 
 @pytest.fixture(scope="module")
-def stack(pretrained_policy_dir, tmp_path_factory):
-    """Every role as its own process; yields (launcher, api url, services)."""
+def stack(pretrained_tied_policy_dir, tmp_path_factory):
+    """Every role as its own process, on a policy with tied embeddings (as SmolLM2, Qwen2.5 and Llama-3.2 1B/3B
+    ship; the pipeline's end-to-end test runs an untied one); yields (launcher, api url, services)."""
     work = tmp_path_factory.mktemp("e2e")
     with Launcher(work / "processes") as launcher:
-        services, api = start_stack(launcher, service_configs(pretrained_policy_dir), {"rpc": {"wait_ready_s": 60}})
+        services, api = start_stack(
+            launcher, service_configs(pretrained_tied_policy_dir), {"rpc": {"wait_ready_s": 60}}
+        )
         yield launcher, api, services, work
 
 

@@ -41,15 +41,17 @@ def dataset(tmp_path):
 
 
 @pytest.fixture
-def clients_factory(tiny_policy_dir):
+def clients_factory(policy_shape_dir):
+    """In-process clients on the tiny policy, untied and tied."""
+
     def factory():
-        model = {"model": {"path": str(tiny_policy_dir)}}
+        model = {"model": {"path": str(policy_shape_dir)}}
         return inprocess_clients(
             GenerationBackend(GenerationConfig.model_validate(model)),
             load_backend(RewardConfig.model_validate(REWARD)),
             ReferenceBackend(ReferenceConfig.model_validate(model)),
             TrainerBackend(
-                ModelConfig(path=str(tiny_policy_dir)),
+                ModelConfig(path=str(policy_shape_dir)),
                 CriticConfig(),
                 PPOConfig(ppo_epochs=1, minibatch_size=4, micro_batch_size=4),
             ),
