@@ -6,6 +6,8 @@ log-probs of a sample do not depend on what else is in its batch.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import PreTrainedModel
 
@@ -60,8 +62,14 @@ def response_logprobs_padded(
 ) -> torch.Tensor:
     """log softmax(logits / T)[response_t] for a padded batch: (B, R) float32, zero where ``response_mask`` is 0."""
     width = response_mask.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, L, V)
-    logits = gather_response(logits, prompt_lengths, width, shift=1)  # (B, R, V): only response positions
+    length = input_ids.shape[1]
+    # Logits only from the shortest prompt's last token on: no (B, L, V) tensor over the prompts.
+    keep = length - int(prompt_lengths.min()) + 1
+    accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": keep} if accepts else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # (B, keep or L, V)
+    start = length - logits.shape[1]  # position of the first kept logit
+    logits = gather_response(logits, prompt_lengths - start, width, shift=1)  # (B, R, V): only response positions
     labels = gather_response(input_ids, prompt_lengths, width, shift=0)  # (B, R)
     return logprobs_from_logits(logits, labels, temperature) * response_mask.to(logits.device)
 

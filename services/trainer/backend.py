@@ -8,6 +8,7 @@ Transport-free: the gRPC servicer translates to and from ``RolloutBatch`` / ``Tr
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -22,12 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 from transformers import PreTrainedModel
 
+from services.trainer import precision
 from services.trainer.batching import PaddedBatch, pad_batch, pad_right, response_aligned
 from services.trainer.checkpoint import join_optimizer_state, replace_directory, split_optimizer_state
 from services.trainer.config import CriticConfig, CriticInit, KLMode, PPOConfig, ScoreNormalization
 from services.trainer.critic import Critic
 from shared import rl_math
-from shared.modeling import ModelConfig, load_causal_lm, load_tokenizer, resolve_device
+from shared.modeling import ModelConfig, load_tokenizer, resolve_device
 from shared.types import RolloutBatch, TrainStats
 from shared.weights import unique_state
 
@@ -60,20 +62,34 @@ class _RunningMoments:
         return math.sqrt(self.m2 / self.count) if self.count else 1.0
 
 
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM (under any wrapper such as peft's) can compute logits for the last positions only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 class TrainerBackend:
     """Policy + critic + AdamW state; ``train_step`` runs one PPO update on a rollout batch.
 
     Both models stay in eval mode throughout (dropout off, as TRL does for PPO): with dropout the first
-    minibatch's ratio would not start at 1 and the old log-probs would not match generation's.
+    minibatch's ratio would not start at 1 and the old log-probs would not match generation's. (With gradient
+    checkpointing they go to train mode, which Hugging Face layers need to checkpoint, with dropout set to 0.)
+
+    ``policy.dtype`` bfloat16 is mixed precision (``services.trainer.precision``): float32 master weights and
+    AdamW state, bf16 compute; the weight stream sends bf16, what generation serves.
     """
 
-    def __init__(self, policy: ModelConfig, critic: CriticConfig, ppo: PPOConfig):
+    def __init__(self, policy: ModelConfig, critic: CriticConfig, ppo: PPOConfig, gradient_checkpointing: bool = False):
         torch.manual_seed(ppo.seed)
         self.ppo = ppo
         self.device = resolve_device(policy.device)
         self._policy_config = policy
-        self.policy: PreTrainedModel = load_causal_lm(policy).eval()
-        critic_model = ModelConfig(path=critic.path or policy.path, device=policy.device, dtype=policy.dtype)
+        self._compute_dtype = precision.compute_dtype(policy)
+        self._gradient_checkpointing = gradient_checkpointing
+        self.policy: PreTrainedModel = precision.load_trainable_causal_lm(policy).eval()
+        critic_model = precision.master_config(
+            ModelConfig(path=critic.path or policy.path, device=policy.device, dtype=policy.dtype)
+        )
         if critic.init is CriticInit.REWARD_MODEL:
             self.critic = Critic.from_reward_model(critic_model).eval()
         else:
@@ -85,6 +101,10 @@ class TrainerBackend:
                 f"critic.path: vocabulary of {critic_vocab} < the policy's {self._vocab_size}; "
                 "the critic reads the policy's token ids"
             )
+        if gradient_checkpointing:
+            precision.enable_gradient_checkpointing(self.policy)
+            precision.enable_gradient_checkpointing(self.critic.backbone)
+            self.critic.train()
         self._build_optimizers()
         if ppo.kl.mode is KLMode.FIXED:
             self._kl_controller = rl_math.FixedKLController(ppo.kl.init_coef)
@@ -213,14 +233,26 @@ class TrainerBackend:
         return scores
 
     def _response_logits(self, padded: PaddedBatch) -> torch.Tensor:
-        """(b, T, V) policy logits predicting each response token."""
-        logits = self.policy(input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False).logits
-        return response_aligned(logits, padded.prompt_lengths, padded.response_mask.shape[1])
+        """(b, T, V) policy logits predicting each response token (in the compute dtype).
+
+        Only positions from the shortest prompt's last token on get logits (``logits_to_keep``): no (b, L, V)
+        tensor over the prompts, which are often most of the sequence.
+        """
+        length = padded.input_ids.shape[1]
+        keep = length - int(padded.prompt_lengths.min()) + 1
+        extra = {"logits_to_keep": keep} if _accepts_logits_to_keep(self.policy) else {}
+        with precision.autocast(self.device, self._compute_dtype):
+            logits = self.policy(
+                input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False, **extra
+            ).logits  # (b, keep, V): positions length - keep .. length - 1 (all L of them without logits_to_keep)
+        keep = logits.shape[1]
+        return response_aligned(logits, padded.prompt_lengths - (length - keep), padded.response_mask.shape[1])
 
     def _response_values(self, padded: PaddedBatch) -> torch.Tensor:
-        """(b, T) critic values V(s_t) of the state before each response token."""
-        values = self.critic(padded.input_ids, padded.attention_mask)
-        return response_aligned(values, padded.prompt_lengths, padded.response_mask.shape[1])
+        """(b, T) critic values V(s_t) of the state before each response token (float32)."""
+        with precision.autocast(self.device, self._compute_dtype):
+            values = self.critic(padded.input_ids, padded.attention_mask)
+        return response_aligned(values.float(), padded.prompt_lengths, padded.response_mask.shape[1])
 
     @torch.no_grad()
     def _evaluate(self, padded: PaddedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +363,9 @@ class TrainerBackend:
         ``save_pretrained``. Each tensor is a copy, so a consumer never sees a later update.
         """
         for name, tensor in unique_state(self.policy).items():
-            yield name, tensor.detach().to("cpu", copy=True).contiguous()
+            # The compute dtype: with mixed precision generation serves bf16, so sending fp32 would double the bytes.
+            dtype = self._compute_dtype if tensor.is_floating_point() else tensor.dtype
+            yield name, tensor.detach().to("cpu", dtype=dtype, copy=True).contiguous()
 
     def save_checkpoint(self, directory: Path) -> Path:
         """Writes ``directory`` atomically (staged beside it, then renamed):
@@ -381,7 +415,11 @@ class TrainerBackend:
         # Everything is read and checked before anything is replaced: a broken checkpoint leaves the trainer as it
         # was. Reloading the policy with from_pretrained handles sharded files and tied weights; the optimizers are
         # rebuilt over the new parameters before their state is restored.
-        policy = load_causal_lm(self._policy_config.model_copy(update={"path": str(directory / "policy")})).eval()
+        policy = precision.load_trainable_causal_lm(
+            self._policy_config.model_copy(update={"path": str(directory / "policy")})
+        ).eval()
+        if self._gradient_checkpointing:
+            precision.enable_gradient_checkpointing(policy)
         critic_state = load_file(str(directory / "critic.safetensors"), device=str(self.device))
         expected = {k: tuple(v.shape) for k, v in self.critic.state_dict().items()}
         if {k: tuple(v.shape) for k, v in critic_state.items()} != expected:

@@ -94,3 +94,8 @@ class TrainerConfig(StrictModel):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     max_batch: int = Field(4096, ge=1, description="most samples accepted in one TrainStep")
     resume_from: str = Field("", description="checkpoint directory to load at start-up (empty = none)")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each layer's activations in the backward pass instead of storing them (policy and "
+        "critic): activation memory down to about one layer's, for about 30% more compute",
+    )

@@ -56,4 +56,5 @@ class Critic(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids and mask -> (B, L) float32 values, one per position (the state after that token)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.head(hidden.float()).squeeze(-1)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # the head in float32 under autocast too
+            return self.head(hidden.float()).squeeze(-1)

@@ -147,7 +147,9 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
 
 
 def load_backend(config: TrainerConfig) -> TrainerBackend:
-    backend = TrainerBackend(config.policy, config.critic, config.ppo)
+    backend = TrainerBackend(
+        config.policy, config.critic, config.ppo, gradient_checkpointing=config.gradient_checkpointing
+    )
     if config.resume_from:
         backend.load_checkpoint(Path(config.resume_from))
     return backend

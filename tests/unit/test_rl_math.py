@@ -67,6 +67,37 @@ def test_logprobs_from_logits_bf16_computed_in_float32():
     assert_close(out, expected)
 
 
+def test_temperature_scores_under_softmax_of_logits_over_t():
+    # p proportional to (1, 2, 4) at T = 1; at T = 0.5, p proportional to (1, 4, 16) = squares.
+    logits = torch.log(t([[[1.0, 2.0, 4.0]]])).float()
+    labels = torch.tensor([[2]])
+    assert_close(logprobs_from_logits(logits, labels, temperature=0.5), torch.log(t([[16.0 / 21.0]])).float())
+    # Entropy at T = 0.5: the same squared distribution.
+    p = t([1.0, 4.0, 16.0]).float() / 21.0
+    assert_close(entropy_from_logits(logits, temperature=0.5), -(p * p.log()).sum().reshape(1, 1))
+    with pytest.raises(ValueError, match="temperature"):
+        logprobs_from_logits(logits, labels, temperature=0.0)
+
+
+def test_row_chunks_give_the_same_values_and_gradients(monkeypatch):
+    """Computed a few rows at a time (here 3 rows of 11 per chunk) the values and gradients are those of the
+    plain log_softmax formula."""
+    import shared.rl_math as rl_math
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 11, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5), generator=g)
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    monkeypatch.setattr(rl_math, "_CHUNK_ELEMENTS", 33)
+    out = logprobs_from_logits(logits, labels, temperature=0.7)
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    assert_close(out, expected)
+    assert_close(grad, expected_grad)
+    logp = torch.log_softmax(logits / 0.7, -1)
+    assert_close(entropy_from_logits(logits, 0.7), -(logp.exp() * logp).sum(-1))
+
+
 def test_entropy_uniform_is_log4_nats_two_bits():
     ent = entropy_from_logits(torch.zeros(2, 3, 4))
     assert ent.shape == (2, 3)
