@@ -17,6 +17,11 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+# A small chat template in the tiny tokenizer's own special tokens (ChatML's shape: a header per turn, an end marker).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 
 POSITIVE_WORDS = [
     "good",
@@ -159,15 +164,18 @@ def build_policy(
     seed: int = 0,
     tied: bool = False,
     generation_defaults: dict | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Writes a randomly initialised tiny causal LM and its tokenizer to ``directory`` (safetensors).
 
     ``tied``: the output head shares the input embedding (``tie_word_embeddings``, as in Qwen2.5, Llama-3.2 1B/3B,
     SmolLM2 and Gemma). ``generation_defaults``: sampling settings written to its ``generation_config.json``, as
-    instruct models ship them (e.g. ``{"do_sample": True, "temperature": 0.6, "top_p": 0.9}``).
+    instruct models ship them (e.g. ``{"do_sample": True, "temperature": 0.6, "top_p": 0.9}``). ``chat_template``:
+    a Jinja chat template for its tokenizer (e.g. ``CHAT_TEMPLATE``).
     """
     directory = Path(directory)
     tokenizer = build_tokenizer(seed=seed)
+    tokenizer.chat_template = chat_template
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_llama_config(tokenizer, hidden, layers, tied))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -178,10 +186,14 @@ def build_policy(
     return directory
 
 
-def build_reward_model(directory: Path | str, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """Writes a randomly initialised tiny sequence classifier (num_labels=1) and its tokenizer."""
+def build_reward_model(
+    directory: Path | str, hidden: int = 64, layers: int = 2, seed: int = 0, chat_template: str | None = None
+) -> Path:
+    """Writes a randomly initialised tiny sequence classifier (num_labels=1) and its tokenizer (with
+    ``chat_template`` when given)."""
     directory = Path(directory)
     tokenizer = build_tokenizer(seed=seed)
+    tokenizer.chat_template = chat_template
     torch.manual_seed(seed + 1)
     config = _llama_config(tokenizer, hidden, layers)
     config.num_labels = 1

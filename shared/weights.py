@@ -3,11 +3,12 @@
 The sender walks a state dict (Hugging Face names, the model's dtype) and slices each tensor's packed bytes; the
 receiver assembles them into complete tensors, checks names, shapes, dtypes and that nothing is missing, and only
 then hands a full state dict over for an atomic swap. No pickle: the bytes are those safetensors would store.
+A LoRA adapter update is the same stream with the adapter's tensors only and its config (``shared.lora``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -66,12 +67,18 @@ def load_unique_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
 
 
 def chunk_weights(
-    named_tensors: list[tuple[str, torch.Tensor]], version: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    named_tensors: list[tuple[str, torch.Tensor]],
+    version: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    adapter_config: str = "",
 ) -> Iterator[weights_pb2.WeightChunk]:
-    """Yields the chunks of one update: every tensor in order, split into slices of at most ``chunk_bytes``."""
+    """Yields the chunks of one update: every tensor in order, split into slices of at most ``chunk_bytes``.
+
+    ``adapter_config`` (a LoRA adapter update: the tensors are the adapter's) goes on the first chunk only."""
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be positive")
     total = len(named_tensors)
+    first = True
     for name, tensor in named_tensors:
         data = codec.tensor_bytes(tensor)
         dtype = codec.dtype_to_pb(tensor.dtype)
@@ -85,7 +92,9 @@ def chunk_weights(
                 offset=offset,
                 data=data[offset : offset + chunk_bytes],
                 total_tensors=total,
+                adapter_config=adapter_config if first else "",
             )
+            first = False
 
 
 @dataclass
@@ -97,15 +106,27 @@ class _Pending:
 
 
 class WeightAssembler:
-    """Collects the chunks of one update and checks them against the model's own state dict."""
+    """Collects the chunks of one update and checks them against the model's own state dict.
 
-    def __init__(self, expected: dict[str, torch.Tensor], current_version: int, aliases: dict[str, str] | None = None):
+    An update whose first chunk carries an ``adapter_config`` is a LoRA adapter's: ``adapter`` (the receiver's)
+    maps that config to the adapter tensors it expects, or raises ``InvalidInput`` if it cannot take that adapter.
+    """
+
+    def __init__(
+        self,
+        expected: dict[str, torch.Tensor],
+        current_version: int,
+        aliases: dict[str, str] | None = None,
+        adapter: Callable[[str], dict[str, torch.Tensor]] | None = None,
+    ):
         self._expected = {name: (t.dtype, tuple(t.shape)) for name, t in expected.items()}
         self._aliases = aliases or {}
+        self._adapter = adapter
         self._current_version = current_version
         self._pending: dict[str, _Pending] = {}
         self.version: int | None = None
         self.total_tensors: int | None = None
+        self.adapter_config = ""  # the first chunk's: non-empty for a LoRA adapter update
         self.bytes = 0
 
     def add(self, chunk: weights_pb2.WeightChunk) -> None:
@@ -115,8 +136,12 @@ class WeightAssembler:
                     f"weight update version {chunk.version} is older than the served version {self._current_version}"
                 )
             self.version, self.total_tensors = chunk.version, chunk.total_tensors
+            if chunk.adapter_config:
+                self._expect_adapter(chunk.adapter_config)
         elif chunk.version != self.version:
             raise InvalidInput("version", f"changed within one update ({self.version} -> {chunk.version})")
+        elif chunk.adapter_config and chunk.adapter_config != self.adapter_config:
+            raise InvalidInput("adapter_config", "changed within one update (only its first chunk needs to carry it)")
         if chunk.name in self._aliases:
             raise InvalidInput(
                 "name",
@@ -146,6 +171,14 @@ class WeightAssembler:
         self.bytes += len(chunk.data)
         del want_dtype  # a different dtype is allowed: the receiver casts to its own (e.g. fp32 -> bf16)
 
+    def _expect_adapter(self, adapter_config: str) -> None:
+        if self._adapter is None:
+            raise InvalidInput("adapter_config", "this receiver takes full weight states only, not LoRA adapters")
+        expected = self._adapter(adapter_config)
+        self._expected = {name: (t.dtype, tuple(t.shape)) for name, t in expected.items()}
+        self._aliases = {}
+        self.adapter_config = adapter_config
+
     def finish(self) -> dict[str, torch.Tensor]:
         """The complete state dict; raises if any tensor is missing or incomplete."""
         if self.version is None:
@@ -170,9 +203,10 @@ def assemble(
     expected: dict[str, torch.Tensor],
     current: int,
     aliases: dict[str, str] | None = None,
+    adapter: Callable[[str], dict[str, torch.Tensor]] | None = None,
 ):
     """Synchronous convenience for tests and in-process use: returns (version, state dict, bytes)."""
-    assembler = WeightAssembler(expected, current, aliases)
+    assembler = WeightAssembler(expected, current, aliases, adapter)
     for chunk in chunks:
         assembler.add(chunk)
     return assembler.version, assembler.finish(), assembler.bytes

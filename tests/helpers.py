@@ -6,10 +6,10 @@ import torch
 
 
 @torch.no_grad()
-def forward_logprobs(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
-    """(R,) log pi(response_t | prompt, response_<t) from one unpadded forward."""
+def forward_logprobs(model, prompt: torch.Tensor, response: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(R,) log pi(response_t | prompt, response_<t) under softmax(logits / temperature), one unpadded forward."""
     logits = model(torch.cat([prompt, response])[None]).logits[0, prompt.numel() - 1 : -1]
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, response[:, None]).squeeze(-1)
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, response[:, None]).squeeze(-1)
 
 
 @torch.no_grad()

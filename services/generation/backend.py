@@ -9,14 +9,17 @@ one with ``temperature``, ``top_p``, ``do_sample``, repetition penalties) is nev
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 from transformers import GenerationConfig as HFGenerationConfig
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from services.generation.config import GenerationConfig
+from shared.chat import Conversation, render_prompt_ids
 from shared.errors import InvalidInput, TooLarge
+from shared.lora import adapter_state, config_from_json, load_adapter_state, wrap
 from shared.modeling import load_causal_lm, load_tokenizer
 from shared.types import FinishReason, Sample, SamplingParams
 from shared.validation import check_batch_size, check_token_rows
@@ -89,6 +92,10 @@ class GenerationBackend:
         self.eos_token_id = int(self.tokenizer.eos_token_id)
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.version = 0
+        # A LoRA adapter applied on the loaded weights since the first adapter update: its config as sent (empty:
+        # none), and the plain model's own layout, which full states keep using (peft renames the layers it wraps).
+        self.adapter_config = ""
+        self._plain_layout: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
 
     # -- requests -------------------------------------------------------------------------------------------------
 
@@ -133,6 +140,14 @@ class GenerationBackend:
                 raise InvalidInput(f"prompts[{i}]", "is empty")
         encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         return [torch.tensor(ids, dtype=torch.int64) for ids in encoded]
+
+    def tokenize_conversations(self, conversations: list[Conversation]) -> list[torch.Tensor]:
+        """Each conversation in the tokenizer's chat template, ending with the generation prompt (the header of
+        the assistant's turn), as the SFT job trains on it. The template places BOS itself: nothing is added."""
+        return [
+            torch.tensor(render_prompt_ids(self.tokenizer, c, f"conversations[{i}]"), dtype=torch.int64)
+            for i, c in enumerate(conversations)
+        ]
 
     def generate(self, prompts: list[torch.Tensor], params: SamplingParams) -> list[Sample]:
         """Samples ``params.samples_per_prompt`` responses per prompt, prompt-major. Runs on the model thread."""
@@ -200,14 +215,55 @@ class GenerationBackend:
     # -- weights --------------------------------------------------------------------------------------------------
 
     def weight_assembler(self) -> WeightAssembler:
-        """Collects one update: every tensor of the model under one name (a tied head comes with its embedding)."""
-        return WeightAssembler(unique_state(self.model), self.version, tied_aliases(self.model))
+        """Collects one update: every tensor of the model under one name (a tied head comes with its embedding),
+        or, when its first chunk carries an adapter config, every tensor of that LoRA adapter."""
+        expected, aliases = self._plain_layout or (unique_state(self.model), tied_aliases(self.model))
+        return WeightAssembler(expected, self.version, aliases, adapter=self._expected_adapter)
 
-    def swap_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Copies a complete state in place and sets the version. Runs on the model thread, between batches.
+    def _expected_adapter(self, adapter_config: str) -> dict[str, torch.Tensor]:
+        """The tensors an adapter update with this config must carry: the served adapter's (whose config it must
+        repeat), or for the first one those peft builds for it, found on a meta-device skeleton (no memory, and the
+        served model is not touched before the swap)."""
+        config = config_from_json(adapter_config)
+        if self.adapter_config:
+            sent, served = json.loads(adapter_config), json.loads(self.adapter_config)
+            if sent != served:
+                differences = ", ".join(
+                    f"{key} {sent.get(key)!r} (served: {served.get(key)!r})"
+                    for key in sorted(set(sent) | set(served))
+                    if sent.get(key) != served.get(key)
+                )
+                raise InvalidInput(
+                    "adapter_config",
+                    f"differs from the served adapter's in {differences}: a replica keeps the config of its first "
+                    "adapter (restart it to change rank, alpha or target modules)",
+                )
+            return adapter_state(self.model)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(self.model.config)
+        try:
+            return adapter_state(wrap(skeleton, config))
+        except ValueError as err:  # e.g. no layer of this model matches target_modules
+            raise InvalidInput("adapter_config", f"does not fit this model: {err}") from err
 
-        In place, so tied weights stay one tensor: a new embedding is the new head too."""
-        load_unique_state(self.model, state)
+    def swap_weights(self, state: dict[str, torch.Tensor], version: int, adapter_config: str = "") -> None:
+        """Copies a complete state, or with ``adapter_config`` a complete adapter, in place and sets the version.
+        Runs on the model thread, between batches.
+
+        In place, so tied weights stay one tensor: a new embedding is the new head too. The first adapter wraps
+        the model with peft (adapters on the loaded weights), later ones replace its tensors (never stack on them),
+        a full state removes it."""
+        if adapter_config:
+            if not self.adapter_config:
+                self._plain_layout = (unique_state(self.model), tied_aliases(self.model))
+                self.model = wrap(self.model, config_from_json(adapter_config)).requires_grad_(False)
+                self.adapter_config = adapter_config
+            load_adapter_state(self.model, state)
+        else:
+            if self.adapter_config:
+                self.model = self.model.unload()  # the plain model again, its layers without the adapter
+                self.adapter_config, self._plain_layout = "", None
+            load_unique_state(self.model, state)
         self.version = version
 
     def _ignore_model_sampling_defaults(self) -> None:

@@ -13,6 +13,7 @@ from services.generation import metrics as generation_metrics
 from services.generation.backend import GenerationBackend
 from services.generation.config import GenerationConfig
 from shared import codec, metrics
+from shared.convert import conversations_from_pb
 from shared.errors import InvalidInput
 from shared.proto.rlhf.v1 import (
     generation_pb2,
@@ -87,14 +88,15 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         backend: GenerationBackend = self.backend
         params = sampling_from_pb(request.sampling)
-        has_ids = request.HasField("prompt_ids")
-        if bool(request.prompts) == has_ids:
-            raise InvalidInput("prompts", "give exactly one of prompts (text) or prompt_ids")
-        prompts = (
-            codec.ragged_from_pb(request.prompt_ids, "prompt_ids")
-            if has_ids
-            else backend.tokenize(list(request.prompts))
-        )
+        given = [bool(request.prompts), request.HasField("prompt_ids"), bool(request.conversations)]
+        if sum(given) != 1:
+            raise InvalidInput("prompts", "give exactly one of prompts (text), prompt_ids or conversations")
+        if request.HasField("prompt_ids"):
+            prompts = codec.ragged_from_pb(request.prompt_ids, "prompt_ids")
+        elif request.conversations:
+            prompts = backend.tokenize_conversations(conversations_from_pb(request.conversations, "conversations"))
+        else:
+            prompts = backend.tokenize(list(request.prompts))
         backend.validate(prompts, params)
         samples = await self.worker.run(self._generate, prompts, params)
         # One model-thread call = one weights version for the whole batch.
@@ -121,7 +123,7 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
             async for chunk in chunks:
                 assembler.add(chunk)
             state = assembler.finish()
-            await self.worker.run(backend.swap_weights, state, assembler.version)
+            await self.worker.run(backend.swap_weights, state, assembler.version, assembler.adapter_config)
             seconds = time.perf_counter() - start
             metrics.observe_weight_update("generation", assembler.bytes, seconds)
             metrics.WEIGHTS_VERSION.labels("generation").set(assembler.version)
@@ -139,6 +141,7 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
             pad_token_id=backend.pad_token_id,
             dtype=str(next(backend.model.parameters()).dtype).removeprefix("torch."),
             device=str(backend.device),
+            adapter_config=backend.adapter_config,
         )
 
 

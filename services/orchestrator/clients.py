@@ -21,9 +21,10 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from services.orchestrator.config import DiscoveryMode, PeersConfig, RpcConfig
+from services.orchestrator.dataset import Prompt
 from services.orchestrator.metrics import GENERATION_RESHARES, RPC_FAILURES, RPC_RETRIES
 from services.orchestrator.replicas import Replica, ReplicaPool, replica_source
-from shared.convert import train_stats_from_pb
+from shared.convert import conversations_to_pb, train_stats_from_pb
 from shared.logs import context_metadata
 from shared.proto.rlhf.v1 import (
     generation_pb2,
@@ -45,7 +46,7 @@ T = TypeVar("T")
 class Rollouts:
     """One iteration's samples, as much as the loop itself needs to know."""
 
-    prompts: list[str]  # per sample, its prompt text
+    prompts: list[Prompt]  # per sample, its prompt: text, or a conversation (list of {role, content})
     texts: list[str]  # per sample, the decoded response
     response_lengths: list[int]  # per sample, response tokens
     finish_reasons: list[str]  # per sample, "eos" or "length"
@@ -62,7 +63,7 @@ class WeightSync:
 
 
 class GenerationClient(Protocol):
-    async def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts: ...
+    async def generate(self, prompts: list[Prompt], params: SamplingParams) -> Rollouts: ...
     async def sync_weights(self, version: int) -> WeightSync: ...
 
 
@@ -184,9 +185,10 @@ class GrpcGeneration:
             )
         return state.policy_version
 
-    async def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
+    async def generate(self, prompts: list[Prompt], params: SamplingParams) -> Rollouts:
         if not prompts:
             raise ValueError("prompts: empty batch")
+        as_conversations = conversational(prompts)
         pool = self.pool
         if pool.version is None:
             await pool.ensure_version(await self._initial_version())
@@ -199,8 +201,11 @@ class GrpcGeneration:
             samples_per_prompt=params.samples_per_prompt,
         )
 
-        async def call(replica: Replica, offset: int, share: list[str]) -> generation_pb2.GenerateResponse:
-            request = generation_pb2.GenerateRequest(prompts=share, sampling=sampling)
+        async def call(replica: Replica, offset: int, share: list[Prompt]) -> generation_pb2.GenerateResponse:
+            if as_conversations:
+                request = generation_pb2.GenerateRequest(conversations=conversations_to_pb(share), sampling=sampling)
+            else:
+                request = generation_pb2.GenerateRequest(prompts=share, sampling=sampling)
             if params.seed is not None:  # a share's seed follows its place in the batch, whichever replica runs it
                 request.sampling.seed = params.seed + offset
             return await replica.stub.Generate(
@@ -208,8 +213,8 @@ class GrpcGeneration:
             )
 
         # Shares are contiguous (offset, prompts) slices of the batch; replies are kept by offset.
-        pending: list[tuple[int, list[str], int]] = [(0, prompts, 1)]  # (offset, prompts, attempt)
-        running: dict[asyncio.Task, tuple[Replica, int, list[str], int]] = {}
+        pending: list[tuple[int, list[Prompt], int]] = [(0, prompts, 1)]  # (offset, prompts, attempt)
+        running: dict[asyncio.Task, tuple[Replica, int, list[Prompt], int]] = {}
         replies: dict[int, generation_pb2.GenerateResponse] = {}
         try:
             while pending or running:
@@ -296,7 +301,15 @@ class GrpcGeneration:
         await self.pool.close()
 
 
-def _split(items: list[str], parts: int) -> list[list[str]]:
+def conversational(prompts: list[Prompt]) -> bool:
+    """True for a batch of conversations, False for text; a batch holds one kind (as a dataset file does)."""
+    kinds = {isinstance(p, list) for p in prompts}
+    if len(kinds) > 1:
+        raise ValueError("prompts: a batch mixes text prompts and conversations")
+    return kinds == {True}
+
+
+def _split(items: list, parts: int) -> list[list]:
     size, extra = divmod(len(items), parts)
     out, start = [], 0
     for i in range(parts):
@@ -350,7 +363,12 @@ class GrpcReward:
         self.retry = Retrying(rpc, "reward")
 
     async def score(self, rollouts: Rollouts) -> list[float]:
-        request = reward_pb2.ScoreRequest(prompts=rollouts.prompts, responses=rollouts.texts)
+        if conversational(rollouts.prompts):
+            request = reward_pb2.ScoreRequest(
+                conversations=conversations_to_pb(rollouts.prompts), responses=rollouts.texts
+            )
+        else:
+            request = reward_pb2.ScoreRequest(prompts=rollouts.prompts, responses=rollouts.texts)
         reply = await self.retry(
             "Score",
             lambda t: self.stub.Score(request, timeout=t, metadata=context_metadata()),

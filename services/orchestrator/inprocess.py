@@ -10,7 +10,8 @@ import time
 import torch
 
 from services.generation.backend import GenerationBackend
-from services.orchestrator.clients import Clients, Rollouts, WeightSync
+from services.orchestrator.clients import Clients, Rollouts, WeightSync, conversational
+from services.orchestrator.dataset import Prompt
 from services.reference.backend import ReferenceBackend
 from services.reward.backend import RewardBackend
 from services.trainer.backend import TrainerBackend
@@ -25,8 +26,10 @@ class InProcessGeneration:
         self.trainer = trainer
         self.worker = ModelWorker("generation")
 
-    async def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
-        ids = self.backend.tokenize(prompts)
+    async def generate(self, prompts: list[Prompt], params: SamplingParams) -> Rollouts:
+        ids = (
+            self.backend.tokenize_conversations(prompts) if conversational(prompts) else self.backend.tokenize(prompts)
+        )
         self.backend.validate(ids, params)
         samples: list[Sample] = await self.worker.run(self.backend.generate, ids, params)
         return Rollouts(
@@ -43,10 +46,13 @@ class InProcessGeneration:
         # The same chunking and checks as over the wire, minus the transport.
         start = time.perf_counter()
         assembler = self.backend.weight_assembler()
-        for chunk in chunk_weights(list(self.trainer.policy_state()), self.trainer.version):
+        chunks = chunk_weights(
+            list(self.trainer.policy_state()), self.trainer.version, adapter_config=self.trainer.adapter_config
+        )
+        for chunk in chunks:
             assembler.add(chunk)
         state = assembler.finish()
-        await self.worker.run(self.backend.swap_weights, state, assembler.version)
+        await self.worker.run(self.backend.swap_weights, state, assembler.version, assembler.adapter_config)
         return WeightSync(version=assembler.version, bytes=assembler.bytes, seconds=time.perf_counter() - start)
 
 
@@ -56,7 +62,14 @@ class InProcessReward:
         self.worker = ModelWorker("reward")
 
     async def score(self, rollouts: Rollouts) -> list[float]:
-        return await self.worker.run(self.backend.score, list(zip(rollouts.prompts, rollouts.texts, strict=True)))
+        if conversational(rollouts.prompts):
+            pairs = [
+                self.backend.render(c, r, f"conversations[{i}]")
+                for i, (c, r) in enumerate(zip(rollouts.prompts, rollouts.texts, strict=True))
+            ]
+        else:
+            pairs = list(zip(rollouts.prompts, rollouts.texts, strict=True))
+        return await self.worker.run(self.backend.score, pairs)
 
 
 class InProcessReference:

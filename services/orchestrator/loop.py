@@ -23,7 +23,7 @@ from pathlib import Path
 from services.orchestrator import metrics
 from services.orchestrator.clients import Clients
 from services.orchestrator.config import RunConfig
-from services.orchestrator.dataset import PromptCursor, load_prompts
+from services.orchestrator.dataset import PromptCursor, describe, load_prompts
 from shared.logs import log_context
 from shared.types import SamplingParams
 
@@ -82,6 +82,17 @@ class RLHFLoop:
     async def run(self) -> dict:
         """Runs the configured iterations (or until a stop is requested); writes summary.json; returns it."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        s = self.config.sampling
+        if s.top_p < 1 or s.top_k > 0:
+            log.warning(
+                "run %s samples with top_p=%s top_k=%s: every log-prob (generation, reference, trainer) is of the "
+                "untruncated softmax(logits / T), so the samples come from a narrower distribution than the one PPO "
+                "optimises and the KL is estimated on it: the update is slightly off-policy. Use top_p 1, top_k 0 "
+                "for training",
+                self.run_id,
+                s.top_p,
+                s.top_k,
+            )
         start = time.perf_counter()
         for iteration in range(1, self.config.iterations + 1):
             if self.stop_requested:
@@ -176,7 +187,7 @@ class RLHFLoop:
             weight_sync_bytes=sync.bytes,
             samples=len(lengths),
             wall_seconds=time.perf_counter() - t0,
-            example={"prompt": rollouts.prompts[0], "response": rollouts.texts[0]},
+            example={"prompt": describe(rollouts.prompts[0]), "response": rollouts.texts[0]},
         )
 
     def _publish(self, record: IterationRecord) -> None:

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from services.reward.config import RewardConfig
+from shared.chat import Conversation, render_for_scoring
 from shared.config import StrictModel
 from shared.errors import InvalidInput
 from shared.modeling import ModelConfig, load_sequence_classifier, load_tokenizer
@@ -30,12 +31,13 @@ class RewardBackend(Protocol):
 
     def score(self, pairs: list[tuple[str, str]]) -> list[float]: ...
     def count_tokens(self, pairs: list[tuple[str, str]]) -> int: ...
+    def render(self, conversation: Conversation, response: str, field: str) -> tuple[str, str]: ...
 
 
-def validate_pairs(prompts: list[str], responses: list[str], max_batch: int) -> None:
-    check_batch_size(len(prompts), "prompts", max_batch)
+def validate_pairs(prompts: list, responses: list[str], max_batch: int, field: str = "prompts") -> None:
+    check_batch_size(len(prompts), field, max_batch)
     if len(responses) != len(prompts):
-        raise InvalidInput("responses", f"has {len(responses)} items but prompts has {len(prompts)}")
+        raise InvalidInput("responses", f"has {len(responses)} items but {field} has {len(prompts)}")
 
 
 def load_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
@@ -65,6 +67,10 @@ class FunctionRewardBackend:
 
     def count_tokens(self, pairs: list[tuple[str, str]]) -> int:
         return 0  # no model reads tokens
+
+    def render(self, conversation: Conversation, response: str, field: str) -> tuple[str, str]:
+        """A function reads plain text: the turns' contents, one per line, as its prompt."""
+        return render_for_scoring(None, conversation, response, field)
 
 
 class RewardNormalization(StrictModel):
@@ -153,6 +159,10 @@ class ModelRewardBackend:
             return scores
         mean, std = self.normalization.mean, self.normalization.std
         return [(score - mean) / std for score in scores]
+
+    def render(self, conversation: Conversation, response: str, field: str) -> tuple[str, str]:
+        """The conversation and its response in the reward model's own chat template (plain text without one)."""
+        return render_for_scoring(self.tokenizer, conversation, response, field)
 
     def count_tokens(self, pairs: list[tuple[str, str]]) -> int:
         """Tokens the model reads for ``pairs`` (prompt + response, truncated as ``score`` does, no padding)."""

@@ -10,6 +10,8 @@ import torch
 from services.reward.backend import RewardBackend, load_backend, validate_pairs, warm_up
 from services.reward.config import RewardConfig
 from shared import codec, metrics
+from shared.convert import conversations_from_pb
+from shared.errors import InvalidInput
 from shared.proto.rlhf.v1 import reward_pb2, reward_pb2_grpc
 from shared.server import BackendHolder, Role, Server, build_grpc_server
 from shared.worker import BatchingQueue, ModelWorker
@@ -41,9 +43,22 @@ class RewardServicer(BackendHolder, reward_pb2_grpc.RewardServicer):
 
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
         _ = self.backend  # UNAVAILABLE while the model is loading
-        prompts, responses = list(request.prompts), list(request.responses)
-        validate_pairs(prompts, responses, self.config.max_batch)
-        scores = await self.queue.submit(list(zip(prompts, responses, strict=True)))
+        backend: RewardBackend = self.backend
+        responses = list(request.responses)
+        if request.prompts and request.conversations:
+            raise InvalidInput("conversations", "give exactly one of prompts or conversations")
+        if request.conversations:
+            conversations = conversations_from_pb(request.conversations, "conversations")
+            validate_pairs(conversations, responses, self.config.max_batch, "conversations")
+            pairs = [
+                backend.render(c, r, f"conversations[{i}]")
+                for i, (c, r) in enumerate(zip(conversations, responses, strict=True))
+            ]
+        else:
+            prompts = list(request.prompts)
+            validate_pairs(prompts, responses, self.config.max_batch)
+            pairs = list(zip(prompts, responses, strict=True))
+        scores = await self.queue.submit(pairs)
         return reward_pb2.ScoreResponse(scores=codec.tensor_to_pb(torch.tensor(scores, dtype=torch.float32)))
 
 

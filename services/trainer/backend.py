@@ -26,9 +26,19 @@ from transformers import PreTrainedModel
 from services.trainer import precision
 from services.trainer.batching import PaddedBatch, pad_batch, pad_right, response_aligned
 from services.trainer.checkpoint import join_optimizer_state, replace_directory, split_optimizer_state
-from services.trainer.config import CriticConfig, CriticInit, KLMode, PPOConfig, ScoreNormalization
+from services.trainer.config import CriticConfig, CriticInit, KLMode, LoRAConfig, PPOConfig, ScoreNormalization
 from services.trainer.critic import Critic
+from services.trainer.lora import (
+    ADAPTER_DIR,
+    merged_copy,
+    read_adapter,
+    trainable_state,
+    wire_config,
+    wrap_backbone,
+    wrap_policy,
+)
 from shared import rl_math
+from shared.lora import adapter_state, load_adapter_state
 from shared.modeling import ModelConfig, load_tokenizer, resolve_device
 from shared.types import RolloutBatch, TrainStats
 from shared.weights import unique_state
@@ -62,6 +72,11 @@ class _RunningMoments:
         return math.sqrt(self.m2 / self.count) if self.count else 1.0
 
 
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What an optimizer updates: every parameter, or with LoRA the adapters (and the critic's head)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the causal LM (under any wrapper such as peft's) can compute logits for the last positions only."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -77,11 +92,22 @@ class TrainerBackend:
 
     ``policy.dtype`` bfloat16 is mixed precision (``services.trainer.precision``): float32 master weights and
     AdamW state, bf16 compute; the weight stream sends bf16, what generation serves.
+
+    ``lora.rank`` > 0 trains LoRA adapters (``services.trainer.lora``) on frozen base weights: the optimizers, the
+    weight stream and the checkpoint's ``adapter/`` hold the adapters only.
     """
 
-    def __init__(self, policy: ModelConfig, critic: CriticConfig, ppo: PPOConfig, gradient_checkpointing: bool = False):
+    def __init__(
+        self,
+        policy: ModelConfig,
+        critic: CriticConfig,
+        ppo: PPOConfig,
+        gradient_checkpointing: bool = False,
+        lora: LoRAConfig | None = None,
+    ):
         torch.manual_seed(ppo.seed)
         self.ppo = ppo
+        self.lora = lora or LoRAConfig()
         self.device = resolve_device(policy.device)
         self._policy_config = policy
         self._compute_dtype = precision.compute_dtype(policy)
@@ -94,6 +120,12 @@ class TrainerBackend:
             self.critic = Critic.from_reward_model(critic_model).eval()
         else:
             self.critic = Critic.from_policy(critic_model).eval()
+        if self.lora.enabled:  # base weights frozen, adapters (and the critic's head) train
+            self.policy = wrap_policy(self.policy, self.lora)
+            if self.lora.critic:
+                self.critic.backbone = wrap_backbone(self.critic.backbone, self.lora)
+        # Non-empty: the weight stream is the policy's adapter, with this peft config.
+        self.adapter_config = wire_config(self.policy) if self.lora.enabled else ""
         self._vocab_size = self.policy.get_input_embeddings().num_embeddings
         critic_vocab = self.critic.backbone.get_input_embeddings().num_embeddings
         if critic_vocab < self._vocab_size:
@@ -120,9 +152,9 @@ class TrainerBackend:
     def _make_optimizers(self, policy: PreTrainedModel) -> dict[str, torch.optim.Optimizer]:
         ppo = self.ppo
         return {
-            "policy": torch.optim.AdamW(policy.parameters(), lr=ppo.learning_rate, weight_decay=ppo.weight_decay),
+            "policy": torch.optim.AdamW(_trainable(policy), lr=ppo.learning_rate, weight_decay=ppo.weight_decay),
             "critic": torch.optim.AdamW(
-                self.critic.parameters(),
+                _trainable(self.critic),
                 lr=ppo.critic_learning_rate or ppo.learning_rate,
                 weight_decay=ppo.weight_decay,
             ),
@@ -356,13 +388,23 @@ class TrainerBackend:
     # Weights and checkpoints
     # ------------------------------------------------------------------------------------------------------------
 
+    @property
+    def _critic_has_adapter(self) -> bool:
+        return self.lora.enabled and self.lora.critic
+
+    def _critic_checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds of the critic: all of it, or with an adapter on its backbone what trains."""
+        return trainable_state(self.critic) if self._critic_has_adapter else self.critic.state_dict()
+
     def policy_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The policy's weights as (Hugging Face state-dict name, CPU tensor in the model dtype), one at a time.
 
         Tied weights (e.g. lm_head tied to the embeddings) appear once, under the first name, as in
-        ``save_pretrained``. Each tensor is a copy, so a consumer never sees a later update.
+        ``save_pretrained``. Each tensor is a copy, so a consumer never sees a later update. With LoRA, the
+        adapter's tensors only, under peft's names (``adapter_config`` says which adapter they are).
         """
-        for name, tensor in unique_state(self.policy).items():
+        state = adapter_state(self.policy) if self.lora.enabled else unique_state(self.policy)
+        for name, tensor in state.items():
             # The compute dtype: with mixed precision generation serves bf16, so sending fp32 would double the bytes.
             dtype = self._compute_dtype if tensor.is_floating_point() else tensor.dtype
             yield name, tensor.detach().to("cpu", dtype=dtype, copy=True).contiguous()
@@ -373,14 +415,26 @@ class TrainerBackend:
         ``policy/`` (``save_pretrained`` safetensors + tokenizer), ``critic.safetensors``,
         ``optimizer.safetensors`` (optimizer tensors, keys ``{policy|critic}.{param_index}.{name}``) and
         ``trainer_state.json`` (step, version, KL coefficient, score moments, the rest of the optimizer state).
+
+        With LoRA: ``adapter/`` (peft's ``save_pretrained``: adapter_model.safetensors + adapter_config.json),
+        ``policy/`` the merged model (if ``lora.export_merged``), and ``critic.safetensors`` holds what trains of the
+        critic (its adapter and head) when it has an adapter.
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
         try:
-            self.policy.save_pretrained(staging / "policy", safe_serialization=True)
-            load_tokenizer(self._policy_config).save_pretrained(staging / "policy")
-            save_model(self.critic, str(staging / "critic.safetensors"))
+            if self.lora.enabled:
+                self.policy.save_pretrained(staging / ADAPTER_DIR)
+            if not self.lora.enabled or self.lora.export_merged:  # a plain Hugging Face model, for any loader
+                exported = merged_copy(self.policy) if self.lora.enabled else self.policy
+                exported.save_pretrained(staging / "policy", safe_serialization=True)
+                load_tokenizer(self._policy_config).save_pretrained(staging / "policy")
+                del exported  # a merged copy is a whole model's memory
+            if self._critic_has_adapter:
+                save_file(trainable_state(self.critic), str(staging / "critic.safetensors"))
+            else:
+                save_model(self.critic, str(staging / "critic.safetensors"))
             tensors: dict[str, torch.Tensor] = {}
             optimizers = {
                 name: split_optimizer_state(optimizer.state_dict(), name, tensors)
@@ -409,19 +463,31 @@ class TrainerBackend:
         state = json.loads((directory / "trainer_state.json").read_text())
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{directory}: checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
-        missing = [n for n in ("policy", "critic.safetensors", "optimizer.safetensors") if not (directory / n).exists()]
+        if not self.lora.enabled and (directory / ADAPTER_DIR).exists():
+            raise ValueError(
+                f"{directory}: a LoRA checkpoint (it has {ADAPTER_DIR}/), but this trainer's lora.rank is 0"
+            )
+        policy_files = ADAPTER_DIR if self.lora.enabled else "policy"
+        needed = (policy_files, "critic.safetensors", "optimizer.safetensors")
+        missing = [n for n in needed if not (directory / n).exists()]
         if missing:
             raise ValueError(f"{directory}: incomplete checkpoint, missing {', '.join(missing)}")
         # Everything is read and checked before anything is replaced: a broken checkpoint leaves the trainer as it
         # was. Reloading the policy with from_pretrained handles sharded files and tied weights; the optimizers are
-        # rebuilt over the new parameters before their state is restored.
-        policy = precision.load_trainable_causal_lm(
-            self._policy_config.model_copy(update={"path": str(directory / "policy")})
-        ).eval()
-        if self._gradient_checkpointing:
-            precision.enable_gradient_checkpointing(policy)
+        # rebuilt over the new parameters before their state is restored. With LoRA the base weights never
+        # changed: only the adapter is read, and copied into the policy's at the end.
+        adapter = None
+        if self.lora.enabled:
+            policy = self.policy
+            adapter = read_adapter(directory / ADAPTER_DIR, policy, self.device)
+        else:
+            policy = precision.load_trainable_causal_lm(
+                self._policy_config.model_copy(update={"path": str(directory / "policy")})
+            ).eval()
+            if self._gradient_checkpointing:
+                precision.enable_gradient_checkpointing(policy)
         critic_state = load_file(str(directory / "critic.safetensors"), device=str(self.device))
-        expected = {k: tuple(v.shape) for k, v in self.critic.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in self._critic_checkpoint_state().items()}
         if {k: tuple(v.shape) for k, v in critic_state.items()} != expected:
             raise ValueError(f"{directory}: critic.safetensors does not match this trainer's critic")
         tensors = load_file(str(directory / "optimizer.safetensors"))
@@ -429,7 +495,9 @@ class TrainerBackend:
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(join_optimizer_state(state["optimizers"][name], name, tensors))
         self.policy = policy
-        self.critic.load_state_dict(critic_state, strict=True)
+        if adapter is not None:
+            load_adapter_state(self.policy, adapter)
+        self.critic.load_state_dict(critic_state, strict=not self._critic_has_adapter)  # keys checked above
         self._optimizers = optimizers
         self.step = int(state["step"])
         self.version = int(state["version"])

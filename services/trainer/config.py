@@ -87,11 +87,42 @@ class CriticConfig(StrictModel):
         return self
 
 
+class LoRAConfig(StrictModel):
+    """LoRA (Hu et al. 2021) with peft: the base weights stay frozen, low-rank adapters on ``target_modules`` train."""
+
+    rank: int = Field(0, ge=0, description="adapter rank r; 0 = LoRA off: full fine-tuning")
+    alpha: float = Field(32, gt=0, description="scale numerator: the adapter's update is (alpha / rank) * B A")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout on the adapter's input; written into the adapter's config, but inactive in PPO, which "
+        "keeps its models in eval mode (with dropout the ratio would not start at 1)",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="names of the linear layers that get adapters (peft's target_modules), e.g. attention "
+        "q/k/v/o_proj; add gate_proj/up_proj/down_proj for the MLP",
+    )
+    critic: bool = Field(True, description="adapters on the critic's backbone too (its value head stays fully trained)")
+    export_merged: bool = Field(
+        True,
+        description="checkpoints also write policy/: the adapter merged into the base weights, a plain Hugging "
+        "Face model (+ tokenizer) for evaluation and serving; the adapter/ directory is written either way",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class TrainerConfig(StrictModel):
     server: ServerConfig = Field(default_factory=ServerConfig)
     policy: ModelConfig = Field(default_factory=ModelConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA adapters instead of full fine-tuning")
     max_batch: int = Field(4096, ge=1, description="most samples accepted in one TrainStep")
     resume_from: str = Field("", description="checkpoint directory to load at start-up (empty = none)")
     gradient_checkpointing: bool = Field(

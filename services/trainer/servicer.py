@@ -114,7 +114,7 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         try:
             start, sent = time.perf_counter(), 0
             tensors = list(backend.policy_state())
-            for chunk in chunk_weights(tensors, backend.version, chunk_bytes):
+            for chunk in chunk_weights(tensors, backend.version, chunk_bytes, backend.adapter_config):
                 sent += len(chunk.data)
                 yield chunk
             metrics.observe_weight_update("trainer", sent, time.perf_counter() - start)  # complete streams only
@@ -148,7 +148,11 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
 
 def load_backend(config: TrainerConfig) -> TrainerBackend:
     backend = TrainerBackend(
-        config.policy, config.critic, config.ppo, gradient_checkpointing=config.gradient_checkpointing
+        config.policy,
+        config.critic,
+        config.ppo,
+        gradient_checkpointing=config.gradient_checkpointing,
+        lora=config.lora,
     )
     if config.resume_from:
         backend.load_checkpoint(Path(config.resume_from))

@@ -19,14 +19,10 @@ from services.training.common import encode_pair, save_atomically
 from services.training.dpo import DPOJobConfig, group_by_prompt, load_groups, run_dpo
 from services.training.sft import SFTJobConfig, batch_loss, encode_conversation, load_examples, run_sft
 from shared.modeling import ModelConfig, load_tokenizer
-from shared.tiny_models import NEGATIVE_WORDS, POSITIVE_WORDS, corpus, prompts
+from shared.tiny_models import CHAT_TEMPLATE, NEGATIVE_WORDS, POSITIVE_WORDS, corpus, prompts
 from shared.training import DataError, OptimConfig, train_loop
 from shared.types import SamplingParams
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 CONVERSATION = [
     {"role": "system", "content": "you are kind."},
     {"role": "user", "content": "how was the day?"},
