@@ -14,7 +14,7 @@ from services.generation.backend import GenerationBackend
 from services.generation.config import GenerationConfig
 from shared import codec, metrics
 from shared.convert import conversations_from_pb
-from shared.errors import InvalidInput
+from shared.errors import Conflict, InvalidInput
 from shared.proto.rlhf.v1 import (
     generation_pb2,
     generation_pb2_grpc,
@@ -103,7 +103,14 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
         return samples_to_pb(samples, samples[0].policy_version, params.logprob_temperature)
 
     async def UpdateWeights(self, request_iterator: AsyncIterator[weights_pb2.WeightChunk], context):
-        return await self._apply(request_iterator)
+        try:
+            return await self._apply(request_iterator)
+        except (InvalidInput, Conflict):
+            # Read the rest of a refused update before answering: a client stream cut short while the client is
+            # still sending can reach the client as INTERNAL ("Internal error from Core") instead of this status.
+            async for _ in request_iterator:
+                pass
+            raise
 
     async def PullWeights(self, request: generation_pb2.PullWeightsRequest, context: grpc.aio.ServicerContext):
         if not request.trainer_address:

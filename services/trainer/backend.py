@@ -112,9 +112,10 @@ class TrainerBackend:
         self._policy_config = policy
         self._compute_dtype = precision.compute_dtype(policy)
         self._gradient_checkpointing = gradient_checkpointing
-        self.policy: PreTrainedModel = precision.load_trainable_causal_lm(policy).eval()
-        critic_model = precision.master_config(
-            ModelConfig(path=critic.path or policy.path, device=policy.device, dtype=policy.dtype)
+        self.policy: PreTrainedModel = precision.load_trainable_causal_lm(policy, self.lora.enabled).eval()
+        critic_model = precision.master_or_frozen_config(
+            ModelConfig(path=critic.path or policy.path, device=policy.device, dtype=policy.dtype),
+            self.lora.enabled and self.lora.critic,
         )
         if critic.init is CriticInit.REWARD_MODEL:
             self.critic = Critic.from_reward_model(critic_model).eval()

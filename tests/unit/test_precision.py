@@ -80,3 +80,24 @@ def test_bf16_is_mixed_precision_with_float32_master_weights(tiny_tied_policy_di
 def test_float16_training_is_refused_with_a_clear_error(tiny_policy_dir):
     with pytest.raises(ValueError, match="bfloat16"):
         _trainer(tiny_policy_dir, dtype="float16")
+
+
+def test_lora_in_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_float32(tiny_tied_policy_dir, batch):
+    """With LoRA the base needs no float32 master copy: half the base's bytes in bf16."""
+    from services.trainer.config import LoRAConfig
+
+    trainer = TrainerBackend(
+        ModelConfig(path=str(tiny_tied_policy_dir), dtype="bfloat16"),
+        CriticConfig(),
+        PPOConfig(ppo_epochs=1, minibatch_size=4, micro_batch_size=4),
+        lora=LoRAConfig(rank=4, alpha=8),
+    )
+    frozen = {p.dtype for p in trainer.policy.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in trainer.policy.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert {p.dtype for p in trainer.critic.head.parameters()} == {torch.float32}
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    stats = trainer.train_step(batch)
+    assert torch.isfinite(torch.tensor(stats.policy_loss))
+    changed = {n for n, p in trainer.policy.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
