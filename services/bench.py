@@ -5,6 +5,10 @@ machines are noisy).
    in-process clients (the backends called directly: the baseline) and over gRPC with every role its own process.
 2. The wire format: encoding and decoding a ragged batch of per-token log-probs as packed bytes (the project's
    RaggedTensor) against a plain ``repeated float`` message (the baseline).
+3. Memory per billion parameters on the real model (SmolLM2-135M): the bytes of every tensor the trainer keeps
+   (weights, gradients at their peak, AdamW state; policy and critic) and generation keeps (weights), counted
+   after a training step, for full fine-tuning in float32 (the baseline), bf16 mixed precision and LoRA; and the
+   weight-sync bytes of a full state against a LoRA adapter.
 """
 
 from __future__ import annotations
@@ -155,12 +159,98 @@ def bench_loop(policy: Path, work: Path, iterations: int, prompts_per_iteration:
     }
 
 
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bench_memory(policy: Path) -> list[dict]:
+    """Counted bytes per setting; ``per_billion_gb`` divides by the policy's parameter count (GB per 1e9)."""
+    from services.trainer.backend import TrainerBackend
+    from services.trainer.config import CriticConfig, LoRAConfig, PPOConfig
+    from shared.modeling import ModelConfig
+    from shared.types import RolloutBatch
+    from shared.weights import unique_state
+
+    settings = [
+        ("full fine-tuning, float32", "float32", LoRAConfig()),
+        ("full fine-tuning, bf16 mixed precision", "bfloat16", LoRAConfig()),
+        ("LoRA r16 on q,k,v,o (policy and critic), bf16", "bfloat16", LoRAConfig(rank=16, alpha=32)),
+    ]
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 1000, (6,), generator=generator) for _ in range(2)]
+    responses = [torch.randint(10, 1000, (4,), generator=generator) for _ in range(2)]
+    batch = RolloutBatch(
+        prompt_ids=prompts,
+        response_ids=responses,
+        scores=torch.tensor([1.0, -1.0]),
+        reference_logprobs=[torch.full((4,), -5.0) for _ in responses],
+        generation_logprobs=[torch.full((4,), -5.0) for _ in responses],
+    )
+    rows = []
+    for name, dtype, lora in settings:
+        trainer = TrainerBackend(
+            ModelConfig(path=str(policy), dtype=dtype),
+            CriticConfig(),
+            PPOConfig(ppo_epochs=1, minibatch_size=2, micro_batch_size=2),
+            lora=lora,
+        )
+        policy_params = sum(t.numel() for t in unique_state(trainer.policy).values() if t.is_floating_point())
+        if lora.enabled:
+            policy_params -= sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad)
+        started = time.perf_counter()
+        trainer.train_step(batch)
+        step_seconds = time.perf_counter() - started
+        models = [trainer.policy, trainer.critic]
+        weights = _tensor_bytes({id(p): p for m in models for p in m.parameters()}.values())
+        gradients = _tensor_bytes(p for m in models for p in m.parameters() if p.requires_grad)  # at the peak
+        optimizer = _tensor_bytes(
+            t for o in trainer._optimizers.values() for state in o.state.values() for t in state.values() if t.dim()
+        )
+        sync = _tensor_bytes(t for _, t in trainer.policy_state())
+        rows.append(
+            {
+                "setting": name,
+                "policy_parameters": policy_params,
+                "weights": weights,
+                "gradients": gradients,
+                "optimizer": optimizer,
+                "total": weights + gradients + optimizer,
+                "per_billion_gb": (weights + gradients + optimizer) / policy_params,
+                "sync_bytes": sync,
+                "step_seconds": step_seconds,
+            }
+        )
+        del trainer
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--prompts-per-iteration", type=int, default=32)
     parser.add_argument("--codec-repeats", type=int, default=20)
+    parser.add_argument("--skip-memory", action="store_true", help="skip the real-model memory figures")
     args = parser.parse_args(argv)
+
+    if not args.skip_memory:
+        from shared.pretrained import smollm2_dir
+
+        print("memory: bytes of the tensors each setting keeps, SmolLM2-135M (tied), policy + critic (init: policy)")
+        rows = bench_memory(smollm2_dir())
+        baseline = rows[0]
+        print(
+            f"{'setting':>48} {'weights':>9} {'grads':>9} {'AdamW':>9} {'total':>9} {'GB per 1e9':>10} {'vs fp32':>8}"
+        )
+        for r in rows:
+            print(
+                f"{r['setting']:>48} {r['weights'] / 2**20:>6.0f} MiB {r['gradients'] / 2**20:>5.0f} MiB "
+                f"{r['optimizer'] / 2**20:>5.0f} MiB {r['total'] / 2**20:>5.0f} MiB {r['per_billion_gb']:>10.1f} "
+                f"{r['total'] / baseline['total']:>7.2f}x"
+            )
+        print(f"{'weight sync per version':>48}", end="")
+        for r in rows:
+            print(f"  {r['setting'].split(',')[0]}: {r['sync_bytes'] / 2**20:.1f} MiB", end="")
+        print(f"  (LoRA / full bf16: {rows[2]['sync_bytes'] / rows[1]['sync_bytes']:.2%})\n")
 
     print("wire format: a ragged batch of float32 log-probs, encode + serialize + parse + decode (median)")
     print(f"{'batch':>14} {'repeated float':>15} {'packed bytes':>13} {'speed-up':>9} {'size ratio':>10}")
