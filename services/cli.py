@@ -1,5 +1,5 @@
 """The ``rlhf`` command: ``rlhf serve generation|reward|reference|trainer``, ``rlhf orchestrator``,
-``rlhf train sft|reward|dpo`` and ``rlhf pipeline``.
+``rlhf train sft|reward|dpo``, ``rlhf pipeline`` and ``rlhf pipeline-real``.
 
 Each takes ``--config FILE`` (YAML) and one flag per config field (``--server.port 50051``) overriding it.
 """
@@ -83,6 +83,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         from services.pipeline.config import PipelineConfig
 
         add_config_flags(pipeline, PipelineConfig)
+    real = commands.add_parser(
+        "pipeline-real", help="SmolLM2 + human ratings: pairs -> RM -> PPO (LoRA) -> evaluation against VADER"
+    )
+    real.add_argument("--log-level", default="WARNING")
+    if argv[:1] == ["pipeline-real"]:
+        from services.pipeline.real_config import RealPipelineConfig
+
+        add_config_flags(real, RealPipelineConfig)
     return parser
 
 
@@ -126,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             config = config_from_args(PipelineConfig, args)
             setup_logging("pipeline", args.log_level)
             summary = run_pipeline(config)
+            print(f"\nreport: {Path(config.runs_dir) / summary['run_id'] / 'report.md'}")
+        elif args.command == "pipeline-real":
+            from services.pipeline.real import run_real_pipeline
+            from services.pipeline.real_config import RealPipelineConfig
+
+            config = config_from_args(RealPipelineConfig, args)
+            setup_logging("pipeline-real", args.log_level)
+            summary = run_real_pipeline(config)
             print(f"\nreport: {Path(config.runs_dir) / summary['run_id'] / 'report.md'}")
         else:
             from services.orchestrator.app import run_orchestrator

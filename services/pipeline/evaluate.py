@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,10 @@ def evaluate_policies(
     seed: int,
     examples: int,
     cpu_threads: int = 0,
+    gold: Callable[[str, str], float] = gold_reward,
 ) -> dict[str, PolicyEvaluation]:
+    """``gold(prompt, response)``: the judge that training never sees (the built-in task's gold reward unless
+    given)."""
     reward = ModelRewardBackend(
         RewardConfig.model_validate({"model": {"path": str(reward_dir), "cpu_threads": cpu_threads}})
     )
@@ -75,11 +79,11 @@ def evaluate_policies(
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         samples = generation.generate(generation.tokenize(prompts), params)
         texts = [s.text for s in samples]
-        gold = [gold_reward(p, t) for p, t in zip(prompts, texts, strict=True)]
+        gold_scores = [gold(p, t) for p, t in zip(prompts, texts, strict=True)]
         proxy = reward.score(list(zip(prompts, texts, strict=True)))
         sft_logprobs = reference.logprobs([(s.prompt_ids, s.response_ids) for s in samples])
         kl = [float((s.response_logprobs - ref).sum()) for s, ref in zip(samples, sft_logprobs, strict=True)]
-        gold_mean, gold_ci = mean_ci95(gold)
+        gold_mean, gold_ci = mean_ci95(gold_scores)
         proxy_mean, proxy_ci = mean_ci95(proxy)
         kl_mean, kl_ci = mean_ci95(kl)
         results[name] = PolicyEvaluation(
@@ -95,7 +99,7 @@ def evaluate_policies(
             response_length_mean=statistics.fmean(int(s.response_ids.numel()) for s in samples),
             eos_fraction=sum(s.finish_reason.value == "eos" for s in samples) / len(samples),
             samples=[
-                {"prompt": prompts[i], "response": texts[i], "gold": gold[i], "proxy": proxy[i]}
+                {"prompt": prompts[i], "response": texts[i], "gold": gold_scores[i], "proxy": proxy[i]}
                 for i in range(min(examples, len(prompts)))
             ],
         )

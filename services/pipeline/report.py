@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from services.pipeline.task import gold_reward
@@ -12,7 +13,10 @@ from services.pipeline.task import gold_reward
 ORDER = ["base", "sft", "ppo", "ppo_no_kl", "dpo"]
 
 
-def _per_iteration(run_dir: Path) -> dict[str, list[float]]:
+Gold = Callable[[str, str], float]
+
+
+def _per_iteration(run_dir: Path, gold_fn: Gold) -> dict[str, list[float]]:
     """Proxy reward, gold reward (of the same rollouts), KL and beta per PPO iteration."""
     records = [json.loads(line) for line in (run_dir / "iterations.jsonl").read_text().splitlines()]
     gold = defaultdict(list)
@@ -20,7 +24,7 @@ def _per_iteration(run_dir: Path) -> dict[str, list[float]]:
     if rollouts.exists():
         for line in rollouts.read_text().splitlines():
             row = json.loads(line)
-            gold[row["iteration"]].append(gold_reward(row["prompt"], row["response"]))
+            gold[row["iteration"]].append(gold_fn(row["prompt"], row["response"]))
     return {
         "iteration": [r["iteration"] for r in records],
         "proxy": [r["reward_mean"] for r in records],
@@ -47,11 +51,11 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
-def plot_ppo(root: Path, runs: list[str]) -> Path:
+def plot_ppo(root: Path, runs: list[str], gold_fn: Gold = gold_reward) -> Path:
     plt = _pyplot()
     fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
     for name in runs:
-        curves = _per_iteration(root / name)
+        curves = _per_iteration(root / name, gold_fn)
         ax_reward.plot(curves["iteration"], curves["proxy"], label=f"{name}: proxy (reward model)")
         ax_reward.plot(curves["iteration"], curves["gold"], linestyle="--", label=f"{name}: gold")
         ax_kl.plot(curves["iteration"], curves["kl"], label=f"{name}: KL")
@@ -80,10 +84,11 @@ def plot_policies(root: Path, policies: dict) -> Path:
     return _save(plt, fig, root / "policies.png")
 
 
-def write_report(root: Path, summary: dict) -> Path:
+def write_report(root: Path, summary: dict, gold_fn: Gold = gold_reward) -> Path:
+    """``gold_fn(prompt, response)``: the gold reward of the task, for the PPO curves of the rollouts."""
     policies = summary["policies"]
     ppo_runs = [n for n in ("ppo", "ppo_no_kl") if (root / n / "iterations.jsonl").exists()]
-    plot_ppo(root, ppo_runs)
+    plot_ppo(root, ppo_runs, gold_fn)
     plot_policies(root, policies)
     stages = summary["stages"]
     lines = [
@@ -106,12 +111,14 @@ def write_report(root: Path, summary: dict) -> Path:
         )
     rm = stages["reward_model"]
     prefs = stages.get("preferences", {})
+    about_labels = prefs.get("description") or (
+        f"{prefs.get('pairs', '?')} labelled pairs; where the gold reward differs, the labels agree with it on "
+        f"{prefs.get('gold_agreement', float('nan')):.1%} (the simulated labeler is noisy by design)."
+    )
     lines += [
         "",
         f"Reward model: held-out pair accuracy {rm['pair_accuracy']:.3f} (before training "
-        f"{rm.get('pair_accuracy_first', float('nan')):.3f}), on {rm.get('eval_pairs', '?')} pairs; "
-        f"{prefs.get('pairs', '?')} labelled pairs; where the gold reward differs, the labels agree with it on "
-        f"{prefs.get('gold_agreement', float('nan')):.1%} (the simulated labeler is noisy by design).",
+        f"{rm.get('pair_accuracy_first', float('nan')):.3f}), on {rm.get('eval_pairs', '?')} pairs; {about_labels}",
         "",
         "KL to SFT: sum over response tokens of log pi - log pi_sft on the policy's own samples (k1), mean over "
         "prompts. Proxy reward: the reward model's score, normalised by its training mean and std.",
@@ -158,7 +165,7 @@ def write_report(root: Path, summary: dict) -> Path:
     for i in range(examples):
         prompt = policies[names[0]]["samples"][i]["prompt"]
         cells = [
-            f"{policies[n]['samples'][i]['response'].strip()} ({policies[n]['samples'][i]['gold']:+.1f})" for n in names
+            f"{policies[n]['samples'][i]['response'].strip()} ({policies[n]['samples'][i]['gold']:+.2f})" for n in names
         ]
         lines.append(f"| {prompt} | " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     lines += ["", "(gold reward of each sample in parentheses)", "", "## Stages", ""]
