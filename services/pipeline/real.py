@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -19,10 +18,9 @@ from pathlib import Path
 import httpx
 
 from services.launcher import Launcher, follow_run, start_stack
-from services.pipeline import report, reviews
+from services.pipeline import common, report, reviews
 from services.pipeline.evaluate import evaluate_policies
 from services.pipeline.real_config import RealPipelineConfig
-from services.pipeline.run import _stage, _write_jsonl
 from services.training.reward import RewardJobConfig, read_groups, run_reward
 from shared import pretrained
 from shared.training import split
@@ -93,7 +91,7 @@ class RealPipeline:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.config
 
-        t = _stage("1/5 set-up: SmolLM2 (converted once), MiniLM, the rated snippets")
+        t = common.stage("1/5 set-up: SmolLM2 (converted once), MiniLM, the rated snippets")
         policy = pretrained.smollm2_dir(self.cache_dir)
         encoder = pretrained.minilm_dir()
         snippets = reviews.movie_snippets(self.cache_dir)
@@ -106,16 +104,16 @@ class RealPipeline:
         )
         self.seconds["setup"] = time.perf_counter() - t
 
-        t = _stage("2/5 preference pairs from the ratings; reward model (Bradley-Terry on MiniLM)")
+        t = common.stage("2/5 preference pairs from the ratings; reward model (Bradley-Terry on MiniLM)")
         reward_model = self.reward_model(encoder, splits.reward_model)
         self.seconds["reward_model"] = time.perf_counter() - t
 
-        t = _stage("3/5 PPO through the services")
+        t = common.stage("3/5 PPO through the services")
         critic = self.critic(policy)
         policies = {"sft": policy, **self.ppo_runs(policy, critic, reward_model, ppo_prompts)}
         self.seconds["ppo"] = time.perf_counter() - t
 
-        t = _stage(f"4/5 evaluation on {len(eval_prompts)} held-out openings (gold: VADER)")
+        t = common.stage(f"4/5 evaluation on {len(eval_prompts)} held-out openings (gold: VADER)")
         ev = config.evaluation
         evaluations = evaluate_policies(
             policies,
@@ -131,19 +129,17 @@ class RealPipeline:
         )
         self.seconds["evaluation"] = time.perf_counter() - t
 
-        _stage("5/5 report")
+        common.stage("5/5 report")
         self.seconds["total"] = time.perf_counter() - started
         summary = self.summary(evaluations)
-        tmp = self.root / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, self.root / "summary.json")
+        common.write_summary(self.root, summary)
         report.write_report(self.root, summary, reviews.gold_reward)
         return summary
 
     def reward_model(self, encoder: Path, snippets: list[reviews.Snippet]) -> Path:
         stage = self.config.reward_model
         rows = reviews.preference_pairs(snippets, stage.margin, stage.pairs, self.config.seed)
-        data = _write_jsonl(self.root / "data" / "preferences.jsonl", rows)
+        data = common.write_jsonl(self.root / "data" / "preferences.jsonl", rows)
         summary = run_reward(
             RewardJobConfig(
                 model=self.model(encoder), data=str(data), output_dir=str(self.root / "reward_model"), optim=stage.optim
@@ -210,7 +206,7 @@ class RealPipeline:
         """PPO with the KL penalty and, if asked, without it: two stacks of services at once. Each stack's loop is
         synchronous (about one busy process at a time, one thread each), so two of them keep two cores busy."""
         stage = self.config.ppo
-        dataset = _write_jsonl(self.root / "data" / "ppo_prompts.jsonl", [{"prompt": p} for p in prompts])
+        dataset = common.write_jsonl(self.root / "data" / "ppo_prompts.jsonl", [{"prompt": p} for p in prompts])
 
         def request(name: str) -> dict:
             return {
@@ -249,23 +245,11 @@ class RealPipeline:
         return {name: self.root / name / "checkpoint" / "policy" for name in statuses}
 
     def summary(self, evaluations) -> dict:
-        return {
-            "run_id": self.run_id,
-            "task": TASK,
-            "reward_model_pair_accuracy": self.results["reward_model"]["pair_accuracy"],
-            "reward_model_pair_accuracy_before_training": self.results["reward_model"].get("pair_accuracy_first"),
-            "policies": {name: e.as_dict() for name, e in evaluations.items()},
-            "stages": self.results,
-            "seconds": self.seconds,
-            "definitions": {
-                "gold_reward": "VADER compound score of opening + continuation, in [-1, 1]",
-                "gold_reward_ci95": "half-width of the 95% interval of the mean (1.96 standard errors)",
-                "proxy_reward": "the trained reward model's score, normalised by its training mean/std",
-                "kl_to_sft": "nats per sequence: sum over response tokens of log pi - log pi_sft on the policy's "
-                "own samples (k1), mean over prompts; sft = SmolLM2-135M-Instruct, the starting policy",
-            },
-            "config": self.config.model_dump(mode="json"),
+        definitions = {
+            "gold_reward": "VADER compound score of opening + continuation, in [-1, 1]",
+            "kl_to_sft": common.DEFINITIONS["kl_to_sft"] + "; sft = SmolLM2-135M-Instruct, the starting policy",
         }
+        return common.summary(self.run_id, TASK, self.results, self.seconds, evaluations, self.config, definitions)
 
 
 def run_real_pipeline(config: RealPipelineConfig) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from services.labeling.labelers import Comparison, SimulatedLabeler, preference_
 from services.launcher import Launcher, follow_run, start_stack
 from services.orchestrator.clients import GrpcGeneration
 from services.orchestrator.config import PeersConfig, RpcConfig
-from services.pipeline import report, task
+from services.pipeline import common, report, task
 from services.pipeline.config import PipelineConfig
 from services.pipeline.evaluate import evaluate_policies
 from services.training.dpo import DPOJobConfig, run_dpo
@@ -29,17 +28,6 @@ from shared.tiny_models import build_policy, pretrain
 from shared.types import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def _stage(name: str):
-    print(f"\n== {name}", flush=True)
-    return time.perf_counter()
 
 
 class Pipeline:
@@ -59,12 +47,12 @@ class Pipeline:
         config = self.config
         train_prompts, eval_prompts = task.prompt_splits(config.evaluation.prompts, config.seed)
 
-        t = _stage("1/7 base model")
+        t = common.stage("1/7 base model")
         base = self.base_model()
         self.seconds["base"] = time.perf_counter() - t
 
-        t = _stage("2/7 supervised fine-tuning on demonstrations")
-        sft_data = _write_jsonl(
+        t = common.stage("2/7 supervised fine-tuning on demonstrations")
+        sft_data = common.write_jsonl(
             self.root / "data" / "sft.jsonl", task.demonstrations(config.sft.demonstrations, config.seed)
         )
         self.results["sft"] = run_sft(
@@ -75,11 +63,11 @@ class Pipeline:
         sft = self.root / "sft"
         self.seconds["sft"] = time.perf_counter() - t
 
-        t = _stage("3/7 candidates from the SFT model (generation service) and simulated labels")
+        t = common.stage("3/7 candidates from the SFT model (generation service) and simulated labels")
         preferences = self.collect_preferences(sft, train_prompts)
         self.seconds["preferences"] = time.perf_counter() - t
 
-        t = _stage("4/7 reward model (Bradley-Terry)")
+        t = common.stage("4/7 reward model (Bradley-Terry)")
         self.results["reward_model"] = run_reward(
             RewardJobConfig(
                 model=self.model(sft),
@@ -91,14 +79,14 @@ class Pipeline:
         reward_model = self.root / "reward_model"
         self.seconds["reward_model"] = time.perf_counter() - t
 
-        t = _stage("5/7 PPO through the services")
+        t = common.stage("5/7 PPO through the services")
         policies = {"base": base, "sft": sft}
         policies["ppo"] = self.ppo(sft, reward_model, train_prompts, "ppo", with_kl=True)
         if config.ppo.without_kl:
             policies["ppo_no_kl"] = self.ppo(sft, reward_model, train_prompts, "ppo_no_kl", with_kl=False)
         self.seconds["ppo"] = time.perf_counter() - t
 
-        t = _stage("6/7 DPO from the same preferences")
+        t = common.stage("6/7 DPO from the same preferences")
         self.results["dpo"] = run_dpo(
             DPOJobConfig(
                 model=self.model(sft),
@@ -112,7 +100,7 @@ class Pipeline:
         policies["dpo"] = self.root / "dpo"
         self.seconds["dpo"] = time.perf_counter() - t
 
-        t = _stage(f"7/7 evaluation on {len(eval_prompts)} held-out prompts")
+        t = common.stage(f"7/7 evaluation on {len(eval_prompts)} held-out prompts")
         ev = config.evaluation
         evaluations = evaluate_policies(
             policies,
@@ -129,9 +117,7 @@ class Pipeline:
         self.seconds["total"] = time.perf_counter() - started
 
         summary = self.summary(evaluations)
-        tmp = self.root / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, self.root / "summary.json")
+        common.write_summary(self.root, summary)
         report.write_report(self.root, summary)
         return summary
 
@@ -200,7 +186,7 @@ class Pipeline:
             f"{len(rows)} labelled pairs from {len(prompts)} prompts; where the gold reward differs, the labels "
             f"agree with it on {agree:.1%} (the simulated labeler is noisy by design)"
         )
-        return _write_jsonl(self.root / "data" / "preferences.jsonl", rows)
+        return common.write_jsonl(self.root / "data" / "preferences.jsonl", rows)
 
     def ppo(self, sft: Path, reward_model: Path, train_prompts: list[str], name: str, with_kl: bool) -> Path:
         stage = self.config.ppo
@@ -220,7 +206,7 @@ class Pipeline:
                 "critic": {"init": "reward_model", "path": str(reward_model)},
             },
         }
-        dataset = _write_jsonl(self.root / "data" / "ppo_prompts.jsonl", [{"prompt": p} for p in train_prompts])
+        dataset = common.write_jsonl(self.root / "data" / "ppo_prompts.jsonl", [{"prompt": p} for p in train_prompts])
         with Launcher(self.root / "processes" / name) as launcher:
             _, api = start_stack(launcher, services)
             status = follow_run(
@@ -243,22 +229,8 @@ class Pipeline:
         return self.root / name / "checkpoint" / "policy"
 
     def summary(self, evaluations) -> dict:
-        return {
-            "run_id": self.run_id,
-            "task": "sentence continuation scored by a hidden gold reward (services/pipeline/task.py)",
-            "reward_model_pair_accuracy": self.results["reward_model"]["pair_accuracy"],
-            "reward_model_pair_accuracy_before_training": self.results["reward_model"].get("pair_accuracy_first"),
-            "policies": {name: e.as_dict() for name, e in evaluations.items()},
-            "stages": self.results,
-            "seconds": self.seconds,
-            "definitions": {
-                "gold_reward_ci95": "half-width of the 95% interval of the mean (1.96 standard errors)",
-                "proxy_reward": "the trained reward model's score, normalised by its training mean/std",
-                "kl_to_sft": "nats per sequence: sum over response tokens of log pi - log pi_sft on the policy's "
-                "own samples (k1), mean over prompts",
-            },
-            "config": self.config.model_dump(mode="json"),
-        }
+        task_text = "sentence continuation scored by a hidden gold reward (services/pipeline/task.py)"
+        return common.summary(self.run_id, task_text, self.results, self.seconds, evaluations, self.config)
 
 
 def run_pipeline(config: PipelineConfig) -> dict:
