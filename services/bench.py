@@ -247,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['optimizer'] / 2**20:>5.0f} MiB {r['total'] / 2**20:>5.0f} MiB {r['per_billion_gb']:>10.1f} "
                 f"{r['total'] / baseline['total']:>7.2f}x"
             )
-        print(f"{'weight sync per version':>48}", end="")
-        for r in rows:
-            print(f"  {r['setting'].split(',')[0]}: {r['sync_bytes'] / 2**20:.1f} MiB", end="")
-        print(f"  (LoRA / full bf16: {rows[2]['sync_bytes'] / rows[1]['sync_bytes']:.2%})\n")
+        sync = [
+            f"{label} {r['sync_bytes'] / 2**20:.1f} MiB"
+            for label, r in zip(("float32", "bf16", "LoRA"), rows, strict=True)
+        ]
+        ratio = rows[2]["sync_bytes"] / rows[1]["sync_bytes"]
+        print(f"{'weight sync per version':>48}  {', '.join(sync)} (LoRA / bf16 full: {ratio:.2%})\n")
 
     print("wire format: a ragged batch of float32 log-probs, encode + serialize + parse + decode (median)")
     print(f"{'batch':>14} {'repeated float':>15} {'packed bytes':>13} {'speed-up':>9} {'size ratio':>10}")
