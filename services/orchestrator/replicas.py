@@ -19,6 +19,7 @@ import contextlib
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -187,10 +188,15 @@ class KubernetesReplicas:
 
     async def close(self) -> None:
         self._stop.set()
-        if self._watch is not None:
-            self._watch.stop()  # shuts the watch's socket down: the thread's blocking read returns
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 5)
+        if self._thread is None:
+            return
+        # Stopping a watch shuts its socket down, so the thread's blocking read returns; but a watch the thread
+        # began just as close() was called (after a relist, say) has no socket yet. Stop again until it exits.
+        deadline = time.monotonic() + 5
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if self._watch is not None:
+                self._watch.stop()
+            await asyncio.to_thread(self._thread.join, 0.1)
 
 
 def _describe(exc: Exception) -> str:
