@@ -30,15 +30,14 @@ from services.reward.config import RewardConfig
 from services.trainer.backend import TrainerBackend
 from services.trainer.config import LoRAConfig, TrainerConfig
 from services.trainer.lora import merged_copy
-from services.trainer.servicer import build_server as build_trainer_server
 from shared import codec
 from shared.errors import InvalidInput
 from shared.lora import adapter_state
-from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc
 from shared.types import RolloutBatch, SamplingParams
 from shared.weights import assemble, chunk_weights, unique_state
 from tests.helpers import forward_logprobs, sample_tokens
-from tests.service.grpc_helpers import expect_status, running
+from tests.service.grpc_helpers import expect_status, running, synced_replicas
 
 FIRST_ORDINARY_ID = 4
 PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([11]), torch.tensor([40, 41, 42, 43])]
@@ -207,25 +206,8 @@ async def test_push_and_pull_over_grpc_serve_the_merged_model(policy_shape_dir):
     config = GenerationConfig.model_validate({"model": {"path": str(policy_shape_dir)}})
     pushed, pulled = GenerationBackend(config), GenerationBackend(config)
     base = {name: t.clone() for name, t in unique_state(pulled.model).items()}
-    trainer_server, trainer_port = await build_trainer_server(
-        TrainerConfig.model_validate({"policy": {"path": str(policy_shape_dir)}, "lora": LORA}), trainer
-    )
-    push_server, _ = await build_generation_server(config, pushed)
-    pull_server, _ = await build_generation_server(config, pulled)
-    async with (
-        running(trainer_server) as trainer_channel,
-        running(push_server) as push_channel,
-        running(pull_server) as pull_channel,
-    ):
-        stream = trainer_pb2_grpc.TrainerStub(trainer_channel).StreamWeights(
-            trainer_pb2.StreamWeightsRequest(chunk_bytes=1024), timeout=30
-        )
-        chunks = [chunk async for chunk in stream]
-        push = await generation_pb2_grpc.GenerationStub(push_channel).UpdateWeights(iter(chunks), timeout=30)
-        pull_stub = generation_pb2_grpc.GenerationStub(pull_channel)
-        pull = await pull_stub.PullWeights(
-            generation_pb2.PullWeightsRequest(trainer_address=f"127.0.0.1:{trainer_port}", min_version=2), timeout=30
-        )
+    trainer_config = TrainerConfig.model_validate({"policy": {"path": str(policy_shape_dir)}, "lora": LORA})
+    async with synced_replicas(trainer, trainer_config, config, pushed, pulled, 1024, 2) as (push, pull, pull_stub):
         info = await pull_stub.Info(generation_pb2.InfoRequest(), timeout=5)
         reply = await pull_stub.Generate(
             generation_pb2.GenerateRequest(

@@ -20,13 +20,12 @@ from services.generation.servicer import build_server as build_generation_server
 from services.orchestrator.inprocess import InProcessGeneration
 from services.trainer.backend import TrainerBackend
 from services.trainer.config import TrainerConfig
-from services.trainer.servicer import build_server as build_trainer_server
 from shared import codec
-from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc
 from shared.types import RolloutBatch
 from shared.weights import chunk_weights, tied_aliases, unique_state
 from tests.helpers import forward_logprobs, sample_tokens
-from tests.service.grpc_helpers import expect_status, running
+from tests.service.grpc_helpers import expect_status, running, synced_replicas
 
 FIRST_ORDINARY_ID = 4
 PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([11]), torch.tensor([40, 41, 42, 43])]
@@ -107,27 +106,9 @@ async def test_push_and_pull_over_grpc_serve_the_trained_policy(policy_shape_dir
     trainer = _trained(policy_shape_dir)
     config = GenerationConfig.model_validate({"model": {"path": str(policy_shape_dir)}})
     pushed, pulled = GenerationBackend(config), GenerationBackend(config)
-    trainer_server, trainer_port = await build_trainer_server(
-        TrainerConfig.model_validate({"policy": {"path": str(policy_shape_dir)}}), trainer
-    )
-    push_server, _ = await build_generation_server(config, pushed)
-    pull_server, _ = await build_generation_server(config, pulled)
-    async with (
-        running(trainer_server) as trainer_channel,
-        running(push_server) as push_channel,
-        running(pull_server) as pull_channel,
-    ):
-        # Push: the trainer's stream handed to UpdateWeights, in small chunks.
-        stream = trainer_pb2_grpc.TrainerStub(trainer_channel).StreamWeights(
-            trainer_pb2.StreamWeightsRequest(chunk_bytes=4096), timeout=30
-        )
-        chunks = [chunk async for chunk in stream]
-        push = await generation_pb2_grpc.GenerationStub(push_channel).UpdateWeights(iter(chunks), timeout=30)
-        # Pull: generation streams from the trainer itself.
-        pull_stub = generation_pb2_grpc.GenerationStub(pull_channel)
-        pull = await pull_stub.PullWeights(
-            generation_pb2.PullWeightsRequest(trainer_address=f"127.0.0.1:{trainer_port}", min_version=1), timeout=30
-        )
+    trainer_config = TrainerConfig.model_validate({"policy": {"path": str(policy_shape_dir)}})
+    # Push (the trainer's stream handed to UpdateWeights, in small chunks) and pull (generation streams it itself).
+    async with synced_replicas(trainer, trainer_config, config, pushed, pulled, 4096, 1) as (push, pull, pull_stub):
         reply = await pull_stub.Generate(
             generation_pb2.GenerateRequest(
                 prompt_ids=codec.ragged_to_pb(PROMPTS, torch.int64),
