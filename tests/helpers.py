@@ -20,3 +20,25 @@ def sample_tokens(model, prompt: torch.Tensor, length: int, generator: torch.Gen
         probs = torch.softmax(model(ids[None]).logits[0, -1].float(), dim=-1)
         ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)])
     return ids[prompt.numel() :]
+
+
+FIRST_ORDINARY_ID = 4  # the tiny tokenizer's ids 0..3 are <pad>, <s>, </s>, <unk>
+
+
+def sampled_rollout(model, seed: int = 0):
+    """Four samples of 4 tokens from ``model`` after random prompts of 1..4 tokens, made-up scores, and the model's
+    own log-probs as both the reference's and generation's (KL 0, ratio 1)."""
+    from shared.types import RolloutBatch
+
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(FIRST_ORDINARY_ID, vocab, (n,), generator=generator) for n in (2, 3, 4, 1)]
+    responses = [sample_tokens(model, p, 4, generator) for p in prompts]
+    logprobs = [forward_logprobs(model, p, r) for p, r in zip(prompts, responses, strict=True)]
+    return RolloutBatch(
+        prompt_ids=prompts,
+        response_ids=responses,
+        scores=torch.tensor([1.0, -1.0, 0.5, -0.5]),
+        reference_logprobs=logprobs,
+        generation_logprobs=[lp.clone() for lp in logprobs],
+    )

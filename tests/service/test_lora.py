@@ -36,10 +36,9 @@ from shared.lora import adapter_state
 from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc
 from shared.types import RolloutBatch, SamplingParams
 from shared.weights import assemble, chunk_weights, unique_state
-from tests.helpers import forward_logprobs, sample_tokens
+from tests.helpers import FIRST_ORDINARY_ID, forward_logprobs, sampled_rollout
 from tests.service.grpc_helpers import expect_status, running, synced_replicas
 
-FIRST_ORDINARY_ID = 4
 PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([11]), torch.tensor([40, 41, 42, 43])]
 LORA = {"rank": 4, "alpha": 8}
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -62,19 +61,7 @@ def _trainer(policy_dir, **lora) -> TrainerBackend:
 
 
 def _rollout(policy_dir, seed: int = 0) -> RolloutBatch:
-    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
-    generator = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    prompts = [torch.randint(FIRST_ORDINARY_ID, vocab, (n,), generator=generator) for n in (2, 3, 4, 1)]
-    responses = [sample_tokens(model, p, 4, generator) for p in prompts]
-    logprobs = [forward_logprobs(model, p, r) for p, r in zip(prompts, responses, strict=True)]
-    return RolloutBatch(
-        prompt_ids=prompts,
-        response_ids=responses,
-        scores=torch.tensor([1.0, -1.0, 0.5, -0.5]),
-        reference_logprobs=logprobs,
-        generation_logprobs=[lp.clone() for lp in logprobs],
-    )
+    return sampled_rollout(AutoModelForCausalLM.from_pretrained(policy_dir).eval(), seed)
 
 
 def _trained(policy_dir, steps: int = 2, **lora) -> TrainerBackend:

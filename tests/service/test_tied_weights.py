@@ -22,12 +22,10 @@ from services.trainer.backend import TrainerBackend
 from services.trainer.config import TrainerConfig
 from shared import codec
 from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc
-from shared.types import RolloutBatch
 from shared.weights import chunk_weights, tied_aliases, unique_state
-from tests.helpers import forward_logprobs, sample_tokens
+from tests.helpers import forward_logprobs, sampled_rollout
 from tests.service.grpc_helpers import expect_status, running, synced_replicas
 
-FIRST_ORDINARY_ID = 4
 PROMPTS = [torch.tensor([5, 6, 7]), torch.tensor([11]), torch.tensor([40, 41, 42, 43])]
 
 
@@ -46,24 +44,9 @@ def _trainer(policy_dir) -> TrainerBackend:
     return TrainerBackend(config.policy, config.critic, config.ppo)
 
 
-def _rollout(model) -> RolloutBatch:
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    prompts = [torch.randint(FIRST_ORDINARY_ID, vocab, (n,), generator=generator) for n in (2, 3, 4, 1)]
-    responses = [sample_tokens(model, p, 4, generator) for p in prompts]
-    logprobs = [forward_logprobs(model, p, r) for p, r in zip(prompts, responses, strict=True)]
-    return RolloutBatch(
-        prompt_ids=prompts,
-        response_ids=responses,
-        scores=torch.tensor([1.0, -1.0, 0.5, -0.5]),
-        reference_logprobs=logprobs,
-        generation_logprobs=[lp.clone() for lp in logprobs],
-    )
-
-
 def _trained(policy_dir) -> TrainerBackend:
     trainer = _trainer(policy_dir)
-    trainer.train_step(_rollout(AutoModelForCausalLM.from_pretrained(policy_dir).eval()))
+    trainer.train_step(sampled_rollout(AutoModelForCausalLM.from_pretrained(policy_dir).eval()))
     return trainer
 
 
@@ -163,7 +146,7 @@ def test_checkpoint_round_trip_keeps_the_tie_and_the_weights(policy_shape_dir, t
     for name, tensor in restored.policy.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
     # The restored trainer keeps training its own (tied) parameters: a step moves the head with the embedding.
-    restored.train_step(_rollout(AutoModelForCausalLM.from_pretrained(policy_shape_dir).eval()))
+    restored.train_step(sampled_rollout(AutoModelForCausalLM.from_pretrained(policy_shape_dir).eval()))
     assert _is_tied(restored.policy) == tied
     assert not torch.equal(restored.policy.get_input_embeddings().weight, saved["model.embed_tokens.weight"])
     # The saved policy directory is a plain Hugging Face model with the same tie.
