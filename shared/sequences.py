@@ -6,12 +6,25 @@ log-probs of a sample do not depend on what else is in its batch.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 from transformers import PreTrainedModel
 
 from shared.rl_math import logprobs_from_logits
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM (under any wrapper such as peft's) can compute logits for its last positions only;
+    known per model class, so asking costs nothing on the hot path."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_takes(type(base), "logits_to_keep")
 
 
 def pad_prompt_response(
@@ -65,8 +78,7 @@ def response_logprobs_padded(
     length = input_ids.shape[1]
     # Logits only from the shortest prompt's last token on: no (B, L, V) tensor over the prompts.
     keep = length - int(prompt_lengths.min()) + 1
-    accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
-    extra = {"logits_to_keep": keep} if accepts else {}
+    extra = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # (B, keep or L, V)
     start = length - logits.shape[1]  # position of the first kept logit
     logits = gather_response(logits, prompt_lengths - start, width, shift=1)  # (B, R, V): only response positions

@@ -8,7 +8,6 @@ Transport-free: the gRPC servicer translates to and from ``RolloutBatch`` / ``Tr
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -40,6 +39,7 @@ from services.trainer.lora import (
 from shared import rl_math
 from shared.lora import adapter_state, load_adapter_state
 from shared.modeling import ModelConfig, load_tokenizer, resolve_device
+from shared.sequences import accepts_logits_to_keep
 from shared.types import RolloutBatch, TrainStats
 from shared.weights import unique_state
 
@@ -75,12 +75,6 @@ class _RunningMoments:
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """What an optimizer updates: every parameter, or with LoRA the adapters (and the critic's head)."""
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the causal LM (under any wrapper such as peft's) can compute logits for the last positions only."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class TrainerBackend:
@@ -273,7 +267,7 @@ class TrainerBackend:
         """
         length = padded.input_ids.shape[1]
         keep = length - int(padded.prompt_lengths.min()) + 1
-        extra = {"logits_to_keep": keep} if _accepts_logits_to_keep(self.policy) else {}
+        extra = {"logits_to_keep": keep} if accepts_logits_to_keep(self.policy) else {}
         with precision.autocast(self.device, self._compute_dtype):
             logits = self.policy(
                 input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False, **extra
