@@ -31,9 +31,13 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     twice, e.g. ``lm_head.weight`` for ``model.embed_tokens.weight``. ``save_pretrained`` stores it once, under the
     first name; a complete update does the same.
     """
+    return _aliases(model.state_dict())
+
+
+def _aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     seen: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         if not tensor.numel():
             continue
         key = _storage_key(tensor)
@@ -50,8 +54,9 @@ def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     The tensors share storage with the model (no copy): writing into one changes the model, and through the shared
     storage every alias of it too.
     """
-    aliases = tied_aliases(model)
-    return {name: tensor for name, tensor in model.state_dict().items() if name not in aliases}
+    state = model.state_dict()
+    aliases = _aliases(state)
+    return {name: tensor for name, tensor in state.items() if name not in aliases}
 
 
 @torch.no_grad()
