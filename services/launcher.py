@@ -88,7 +88,7 @@ class Launcher:
             "--ready-file",
             str(ready),
         ]
-        with log_path.open("w") as log:
+        with log_path.open("a") as log:  # a process started again (after a crash) adds to its log
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         service = ServiceProcess(name, process, ready, log_path)
         self.processes.append(service)
@@ -113,7 +113,8 @@ def start_stack(
 ) -> tuple[dict[str, ServiceProcess], str]:
     """Starts the four services (configs by role), waits until each serves, then the orchestrator pointed at them.
 
-    Returns the service processes by role and the control API's URL.
+    Returns the service processes by role and the control API's URL. Unless ``orchestrator`` names a store, runs
+    are kept in an embedded store in the launcher's work directory.
     """
     services = {name: launcher.start(name, ["serve", name], cfg) for name, cfg in service_configs.items()}
     for service in services.values():
@@ -122,7 +123,8 @@ def start_stack(
         "generation": [services["generation"].address],
         **{role: services[role].address for role in ("reward", "reference", "trainer")},
     }
-    config = {"peers": peers, "api": {"port": 0}, **(orchestrator or {})}
+    store = {"url": f"sqlite:///{(launcher.work_dir / 'state.sqlite3').resolve()}"}
+    config = {"peers": peers, "api": {"port": 0}, "store": store, **(orchestrator or {})}
     process = launcher.start("orchestrator", ["orchestrator"], config)
     return services, f"http://127.0.0.1:{process.wait_ready(60)['port']}"
 

@@ -45,6 +45,7 @@ class Sample:
     text: str  # decoded response, special tokens skipped
     finish_reason: FinishReason
     policy_version: int
+    policy_epoch: int = 0  # epoch of the weights that produced it (0 = as loaded)
 
 
 @dataclass
@@ -84,4 +85,5 @@ class TrainStats:
     tokens: int = 0  # response tokens trained on
     step_seconds: float = 0.0
     generation_logprob_diff: float = 0.0  # mean |log pi_old(trainer) - log pi_old(generation)| per token
+    policy_epoch: int = 0  # the trainer's epoch when the step was applied (a new one at each start and load)
     extra: dict[str, float] = field(default_factory=dict)

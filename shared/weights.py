@@ -76,6 +76,7 @@ def chunk_weights(
     version: int,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     adapter_config: str = "",
+    epoch: int = 0,
 ) -> Iterator[weights_pb2.WeightChunk]:
     """Yields the chunks of one update: every tensor in order, split into slices of at most ``chunk_bytes``.
 
@@ -98,6 +99,7 @@ def chunk_weights(
                 data=data[offset : offset + chunk_bytes],
                 total_tensors=total,
                 adapter_config=adapter_config if first else "",
+                epoch=epoch,
             )
             first = False
 
@@ -123,28 +125,36 @@ class WeightAssembler:
         current_version: int,
         aliases: dict[str, str] | None = None,
         adapter: Callable[[str], dict[str, torch.Tensor]] | None = None,
+        current_epoch: int = 0,
     ):
         self._expected = {name: (t.dtype, tuple(t.shape)) for name, t in expected.items()}
         self._aliases = aliases or {}
         self._adapter = adapter
-        self._current_version = current_version
+        self._current = (current_epoch, current_version)
         self._pending: dict[str, _Pending] = {}
         self.version: int | None = None
+        self.epoch = 0
         self.total_tensors: int | None = None
         self.adapter_config = ""  # the first chunk's: non-empty for a LoRA adapter update
         self.bytes = 0
 
     def add(self, chunk: weights_pb2.WeightChunk) -> None:
         if self.version is None:
-            if chunk.version < self._current_version:
+            if (chunk.epoch, chunk.version) < self._current:
+                epoch, version = self._current
                 raise Conflict(
-                    f"weight update version {chunk.version} is older than the served version {self._current_version}"
+                    f"weight update (epoch {chunk.epoch}, version {chunk.version}) is older than the served "
+                    f"(epoch {epoch}, version {version})"
                 )
-            self.version, self.total_tensors = chunk.version, chunk.total_tensors
+            self.version, self.epoch, self.total_tensors = chunk.version, chunk.epoch, chunk.total_tensors
             if chunk.adapter_config:
                 self._expect_adapter(chunk.adapter_config)
-        elif chunk.version != self.version:
-            raise InvalidInput("version", f"changed within one update ({self.version} -> {chunk.version})")
+        elif (chunk.epoch, chunk.version) != (self.epoch, self.version):
+            raise InvalidInput(
+                "version",
+                f"changed within one update ((epoch, version) ({self.epoch}, {self.version}) -> "
+                f"({chunk.epoch}, {chunk.version}))",
+            )
         elif chunk.adapter_config and chunk.adapter_config != self.adapter_config:
             raise InvalidInput("adapter_config", "changed within one update (only its first chunk needs to carry it)")
         if chunk.name in self._aliases:

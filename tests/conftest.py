@@ -69,3 +69,17 @@ def smollm2_path():
     from shared.pretrained import smollm2_dir
 
     return smollm2_dir()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server (AOF, fsync always) on a free loopback port, killed after the test."""
+    from tests.redis_server import RedisServer
+
+    try:
+        server = RedisServer(tmp_path / "redis")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    server.start()
+    yield server
+    server.kill()

@@ -5,15 +5,32 @@ no batch ever sees half-updated weights.
 
 Sampling is exactly what the caller asked for: the model's own ``generation_config.json`` (instruct models ship
 one with ``temperature``, ``top_p``, ``do_sample``, repetition penalties) is never merged into a request.
+
+Sampling is reproducible per sample, not per batch: with a seed, sample j of prompt i (0-based within the request)
+depends only on (seed + i, j), the prompt and the weights. Which other prompts share the request or the micro-batch,
+and ``micro_batch_size``, do not matter, so splitting a batch into shares seeded seed + offset (as the orchestrator
+does, re-sending a share to another replica when one dies) gives the same samples. Each sample draws its noise from
+its own random stream (``sample_stream_seed``) and the token is picked by the Gumbel-max trick (``SeededSampler``).
+Up to the float non-associativity of the forward pass: a row padded to another width may get logits that differ in
+the last bits (on CPU float32 the tokens are in practice identical).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import secrets
 
 import torch
-from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoModelForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers import GenerationConfig as HFGenerationConfig
 
 from services.generation.config import GenerationConfig
@@ -53,9 +70,9 @@ class ChosenTokenLogprobs(LogitsProcessor):
     """Records log softmax(logits / T) of every sampled token while ``generate`` runs, one step behind.
 
     ``generate`` calls its processors with the logits of step t before sampling; the token sampled at step t
-    shows up as the last input id at step t + 1 (and the last one in the output sequences). Passed to
-    ``generate`` it runs before the sampling warpers (temperature, top-k, top-p) and after nothing else (the
-    generation config is neutral), so it sees the model's raw logits. Only one (B, V) float32 row of log-probs is
+    shows up as the last input id at step t + 1 (and the last one in the output sequences). It comes first in the
+    processor list, before ``SeededSampler`` (temperature, top-k, top-p, noise), and the generation config adds
+    none of its own, so it sees the model's raw logits. Only one (B, V) float32 row of log-probs is
     alive at a time: no (B, N, V) stack of every step's logits.
     """
 
@@ -80,6 +97,48 @@ class ChosenTokenLogprobs(LogitsProcessor):
         return torch.stack(self._chosen, dim=1)
 
 
+def sample_stream_seed(prompt_seed: int, sample_index: int) -> int:
+    """The 64-bit seed of one sample's random stream: the first 8 bytes (little-endian) of
+    blake2b(u64le(prompt_seed mod 2^64) || u64le(sample_index)), where prompt_seed = request seed + prompt index.
+
+    A hash rather than a sum, so that the streams of (s, j) and (s + 1, j - 1) are unrelated."""
+    message = (prompt_seed % 2**64).to_bytes(8, "little") + sample_index.to_bytes(8, "little")
+    return int.from_bytes(hashlib.blake2b(message, digest_size=8).digest(), "little")
+
+
+class SeededSampler(LogitsProcessor):
+    """Samples each row from softmax of its warped scores, with noise from that row's own random stream.
+
+    Warps the scores as transformers' sampling would (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
+    ``TopPLogitsWarper``, each only when active), then returns s - log E with E ~ Exponential(1) per entry:
+    ``generate`` runs greedy, and argmax_v (s_v - log E_v) = argmin_v E_v / exp(s_v) is an exact draw from
+    softmax(s) (the race of exponentials with rates exp(s_v): the Gumbel-max trick, -log E being Gumbel). Entries
+    filtered out by top-k/top-p stay -inf. Each step draws the next V values of every row's generator, so what a row
+    samples never depends on the other rows. One (B, V) float32 noise tensor per step.
+    """
+
+    def __init__(self, stream_seeds: list[int], temperature: float, top_k: int, top_p: float):
+        self.stream_seeds = stream_seeds  # one per row of the batch
+        self.warpers = LogitsProcessorList()
+        if temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+        self._generators: list[torch.Generator] | None = None  # made on the first step, on the scores' device
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._generators is None:
+            self._generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.stream_seeds]
+        scores = self.warpers(input_ids, scores.float())
+        noise = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)  # (B, V)
+        for row, generator in enumerate(self._generators):
+            noise[row].exponential_(generator=generator)
+        # E = 0 would make log E = -inf and turn a filtered -inf into NaN: clamp to the smallest normal float.
+        return scores - noise.clamp_(min=torch.finfo(torch.float32).tiny).log_()
+
+
 class GenerationBackend:
     def __init__(self, config: GenerationConfig):
         self.config = config
@@ -92,6 +151,7 @@ class GenerationBackend:
         self.eos_token_id = int(self.tokenizer.eos_token_id)
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.version = 0
+        self.epoch = 0  # with version, the weights served: the epoch of the trainer that sent them (0 = as loaded)
         # A LoRA adapter applied on the loaded weights since the first adapter update: its config as sent (empty:
         # none), and the plain model's own layout, which full states keep using (peft renames the layers it wraps).
         self.adapter_config = ""
@@ -150,48 +210,57 @@ class GenerationBackend:
         ]
 
     def generate(self, prompts: list[torch.Tensor], params: SamplingParams) -> list[Sample]:
-        """Samples ``params.samples_per_prompt`` responses per prompt, prompt-major. Runs on the model thread."""
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(params.samples_per_prompt)]
+        """Samples ``params.samples_per_prompt`` responses per prompt, prompt-major. Runs on the model thread.
+
+        With a seed, sample j of prompt i (0-based within the request) depends only on (seed + i, j), the prompt and
+        the weights: splitting a batch into shares seeded seed + offset gives the same samples. Without one, a
+        random 63-bit seed is drawn for the request. Greedy (temperature 0) uses no seed."""
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        # (prompt index, prompt, seed of the sample's random stream), prompt-major
+        expanded = [
+            (i, p, sample_stream_seed(seed + i, j))
+            for i, p in enumerate(prompts)
+            for j in range(params.samples_per_prompt)
+        ]
         samples: list[Sample] = []
         for start in range(0, len(expanded), self.config.micro_batch_size):
             samples.extend(self._generate_batch(expanded[start : start + self.config.micro_batch_size], params))
         return samples
 
-    def _generate_batch(self, items: list[tuple[int, torch.Tensor]], params: SamplingParams) -> list[Sample]:
-        width = max(int(p.numel()) for _, p in items)
+    def _generate_batch(self, items: list[tuple[int, torch.Tensor, int]], params: SamplingParams) -> list[Sample]:
+        width = max(int(p.numel()) for _, p, _ in items)
         input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.int64)
         attention_mask = torch.zeros((len(items), width), dtype=torch.int64)
-        for row, (_, prompt) in enumerate(items):  # left padding: every prompt ends where generation starts
+        for row, (_, prompt, _) in enumerate(items):  # left padding: every prompt ends where generation starts
             input_ids[row, width - prompt.numel() :] = prompt
             attention_mask[row, width - prompt.numel() :] = 1
-        sampling = params.temperature > 0
         # Built from scratch and passed with use_model_defaults=False: nothing of the model's own
         # generation_config.json is merged in, so a request for temperature 1.0 or for greedy gets exactly that.
+        # Always greedy: with do_sample=False transformers adds no warper, and sampling is SeededSampler's argmax.
         generation_config = HFGenerationConfig(
             max_new_tokens=params.max_new_tokens,
-            do_sample=sampling,
-            temperature=params.temperature if sampling else 1.0,
-            top_p=params.top_p if sampling else 1.0,
-            top_k=params.top_k if sampling else 0,
+            do_sample=False,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
         )
         recorder = ChosenTokenLogprobs(params.logprob_temperature)
+        processors = LogitsProcessorList([recorder])  # the recorder first: it must see the raw logits
+        if params.temperature > 0:
+            seeds = [stream_seed for _, _, stream_seed in items]
+            processors.append(SeededSampler(seeds, params.temperature, params.top_k, params.top_p))
         sequences = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=generation_config,
-            logits_processor=LogitsProcessorList([recorder]),
+            logits_processor=processors,
             use_model_defaults=False,
         )
         generated = sequences[:, width:]  # (B, N)
         logprobs = recorder.finish(generated).cpu()  # (B, N) float32, log softmax(logits / T) of each token
         generated = generated.cpu()
         samples = []
-        for row, (prompt_index, prompt) in enumerate(items):
+        for row, (prompt_index, prompt, _) in enumerate(items):
             tokens = generated[row]
             eos = (tokens == self.eos_token_id).nonzero()
             if eos.numel():
@@ -208,6 +277,7 @@ class GenerationBackend:
                     text=self.tokenizer.decode(response, skip_special_tokens=True),
                     finish_reason=finish,
                     policy_version=self.version,
+                    policy_epoch=self.epoch,
                 )
             )
         return samples
@@ -218,7 +288,9 @@ class GenerationBackend:
         """Collects one update: every tensor of the model under one name (a tied head comes with its embedding),
         or, when its first chunk carries an adapter config, every tensor of that LoRA adapter."""
         expected, aliases = self._plain_layout or (unique_state(self.model), tied_aliases(self.model))
-        return WeightAssembler(expected, self.version, aliases, adapter=self._expected_adapter)
+        return WeightAssembler(
+            expected, self.version, aliases, adapter=self._expected_adapter, current_epoch=self.epoch
+        )
 
     def _expected_adapter(self, adapter_config: str) -> dict[str, torch.Tensor]:
         """The tensors an adapter update with this config must carry: the served adapter's (whose config it must
@@ -246,7 +318,9 @@ class GenerationBackend:
         except ValueError as err:  # e.g. no layer of this model matches target_modules
             raise InvalidInput("adapter_config", f"does not fit this model: {err}") from err
 
-    def swap_weights(self, state: dict[str, torch.Tensor], version: int, adapter_config: str = "") -> None:
+    def swap_weights(
+        self, state: dict[str, torch.Tensor], version: int, adapter_config: str = "", epoch: int = 0
+    ) -> None:
         """Copies a complete state, or with ``adapter_config`` a complete adapter, in place and sets the version.
         Runs on the model thread, between batches.
 
@@ -264,7 +338,7 @@ class GenerationBackend:
                 self.model = self.model.unload()  # the plain model again, its layers without the adapter
                 self.adapter_config, self._plain_layout = "", None
             load_unique_state(self.model, state)
-        self.version = version
+        self.version, self.epoch = version, epoch
 
     def _ignore_model_sampling_defaults(self) -> None:
         """Says which of the model's generation_config.json sampling settings requests override (all of them)."""

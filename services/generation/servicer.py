@@ -45,7 +45,8 @@ def sampling_from_pb(message: generation_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def samples_to_pb(samples: list[Sample], version: int, temperature: float) -> generation_pb2.GenerateResponse:
+def samples_to_pb(samples: list[Sample], temperature: float) -> generation_pb2.GenerateResponse:
+    """One model-thread call's samples: one weights (epoch, version) for the whole batch."""
     return generation_pb2.GenerateResponse(
         prompt_ids=codec.ragged_to_pb([s.prompt_ids for s in samples], torch.int64),
         response_ids=codec.ragged_to_pb([s.response_ids for s in samples], torch.int64),
@@ -53,16 +54,21 @@ def samples_to_pb(samples: list[Sample], version: int, temperature: float) -> ge
         texts=[s.text for s in samples],
         finish_reasons=[_FINISH_TO_PB[s.finish_reason] for s in samples],
         prompt_index=[s.prompt_index for s in samples],
-        policy_version=version,
+        policy_version=samples[0].policy_version,
+        policy_epoch=samples[0].policy_epoch,
         logprob_temperature=temperature,
     )
 
 
-async def _at_least(chunks: AsyncIterator[weights_pb2.WeightChunk], min_version: int):
-    """Passes the chunks on, failing at the first one older than ``min_version``: before anything is swapped in."""
+async def _as_asked(chunks: AsyncIterator[weights_pb2.WeightChunk], min_version: int, epoch: int):
+    """Passes the chunks on, failing at the first one older than ``min_version`` or of another epoch than ``epoch``
+    (when set): before anything is swapped in. Either means the trainer is not where the caller thinks (it
+    restarted): FAILED_PRECONDITION, for the caller to look again."""
     async for chunk in chunks:
         if chunk.version < min_version:
-            raise InvalidInput("min_version", f"trainer holds version {chunk.version} < {min_version}")
+            raise Conflict(f"min_version: trainer holds version {chunk.version} < {min_version}")
+        if epoch and chunk.epoch != epoch:
+            raise Conflict(f"epoch: trainer's weights are of epoch {chunk.epoch}, not {epoch} (it restarted)")
         yield chunk
 
 
@@ -99,8 +105,7 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
             prompts = backend.tokenize(list(request.prompts))
         backend.validate(prompts, params)
         samples = await self.worker.run(self._generate, prompts, params)
-        # One model-thread call = one weights version for the whole batch.
-        return samples_to_pb(samples, samples[0].policy_version, params.logprob_temperature)
+        return samples_to_pb(samples, params.logprob_temperature)
 
     async def UpdateWeights(self, request_iterator: AsyncIterator[weights_pb2.WeightChunk], context):
         try:
@@ -120,7 +125,7 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
             stub = trainer_pb2_grpc.TrainerStub(channel)
             chunk_bytes = max(1024, self.config.server.max_message_bytes // 2)
             stream = stub.StreamWeights(trainer_pb2.StreamWeightsRequest(chunk_bytes=chunk_bytes))
-            return await self._apply(_at_least(stream, request.min_version))
+            return await self._apply(_as_asked(stream, request.min_version, request.epoch))
 
     async def _apply(self, chunks: AsyncIterator[weights_pb2.WeightChunk]) -> weights_pb2.WeightUpdateResult:
         backend: GenerationBackend = self.backend
@@ -130,12 +135,18 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
             async for chunk in chunks:
                 assembler.add(chunk)
             state = assembler.finish()
-            await self.worker.run(backend.swap_weights, state, assembler.version, assembler.adapter_config)
+            await self.worker.run(
+                backend.swap_weights, state, assembler.version, assembler.adapter_config, assembler.epoch
+            )
             seconds = time.perf_counter() - start
             metrics.observe_weight_update("generation", assembler.bytes, seconds)
             metrics.WEIGHTS_VERSION.labels("generation").set(assembler.version)
             return weights_pb2.WeightUpdateResult(
-                version=assembler.version, tensors=len(state), bytes=assembler.bytes, seconds=seconds
+                version=assembler.version,
+                tensors=len(state),
+                bytes=assembler.bytes,
+                seconds=seconds,
+                epoch=assembler.epoch,
             )
 
     async def Info(self, request, context):
@@ -143,6 +154,7 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
         return generation_pb2.ModelInfo(
             model=self.config.model.path,
             policy_version=backend.version,
+            policy_epoch=backend.epoch,
             vocab_size=backend.vocab_size,
             eos_token_id=backend.eos_token_id,
             pad_token_id=backend.pad_token_id,

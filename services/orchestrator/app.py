@@ -1,13 +1,13 @@
 """The control API (FastAPI): start a run, read its status and per-iteration stats, stop it; /metrics; /healthz.
 
-One run at a time: the orchestrator owns the services' state (the trainer's policy) while a run is active.
+One run at a time: the orchestrator owns the services' state (the trainer's policy) while a run is active. Runs
+are kept in the store (``shared.store``), so they outlive the orchestrator's process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import hmac
 import json
 import logging
@@ -15,69 +15,80 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from pydantic import BaseModel
 
-from services.orchestrator.clients import Clients, grpc_clients, wait_until_serving
+from services.orchestrator import metrics
+from services.orchestrator.clients import Clients, grpc_clients, wait_until_serving, waiting_for
 from services.orchestrator.config import OrchestratorConfig, RunConfig
-from services.orchestrator.dataset import DatasetError
+from services.orchestrator.dataset import DatasetError, load_prompts
 from services.orchestrator.loop import IterationRecord, RLHFLoop
+from services.orchestrator.runs import ACTIVE, RunDocument, RunState
 from shared.config import ConfigError
+from shared.errors import InvalidInput
+from shared.store import Store, check_run_id, open_store
 
 log = logging.getLogger(__name__)
 
 RUN_STATE = Gauge("rlhf_run_state", "1 for the run's current state, 0 for the others.", ["run_id", "state"])
 
 
-class RunState(enum.StrEnum):
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-
 class RunStatus(BaseModel):
     run_id: str
     state: RunState
-    iteration: int
+    iteration: int  # iterations completed
     iterations: int
-    stats: list[dict]
+    stats: list[dict]  # one record per completed iteration
     summary: dict | None = None
     error: str | None = None
+    waiting_for: list[str] = []  # peers the run is waiting for now (down or too slow)
+    resumed: int = 0  # times a restarted orchestrator took the run up again
+    policy_version: int = 0
+    checkpoint: dict | None = None  # the newest trainer checkpoint covering the run: {directory, iteration}
 
 
 class Run:
-    def __init__(self, run_id: str, config: RunConfig):
-        self.run_id = run_id
+    """A run this orchestrator drives: its document (in the store) and, while it runs, its loop and task."""
+
+    def __init__(self, document: RunDocument, config: RunConfig):
+        self.document = document
+        self.run_id = document.run_id
         self.config = config
-        self.state = RunState.STARTING
         self.loop: RLHFLoop | None = None
         self.task: asyncio.Task | None = None
-        self.summary: dict | None = None
-        self.error: str | None = None
 
-    def set_state(self, state: RunState) -> None:
-        self.state = state
-        for s in RunState:
-            RUN_STATE.labels(self.run_id, s.value).set(1 if s is state else 0)
+    @property
+    def state(self) -> RunState:
+        return self.document.state
 
-    def status(self) -> RunStatus:
-        records = self.loop.records if self.loop else []
-        return RunStatus(
-            run_id=self.run_id,
-            state=self.state,
-            iteration=len(records),
-            iterations=self.config.iterations,
-            stats=[asdict(r) for r in records],
-            summary=self.summary,
-            error=self.error,
-        )
+    async def set_state(self, state: RunState, **changes) -> None:
+        await self.document.save(state=state.value, **changes)
+        publish_state(self.run_id, state)
+
+
+def publish_state(run_id: str, state: RunState) -> None:
+    for s in RunState:
+        RUN_STATE.labels(run_id, s.value).set(1 if s is state else 0)
+
+
+def run_status(doc: dict, records: list[dict]) -> RunStatus:
+    active = RunState(doc["state"]) in ACTIVE
+    return RunStatus(
+        run_id=doc["run_id"],
+        state=doc["state"],
+        iteration=len(records),
+        iterations=doc["config"]["iterations"],
+        stats=records,
+        summary=doc.get("summary"),
+        error=doc.get("error"),
+        waiting_for=sorted(waiting_for()) if active else [],
+        resumed=doc.get("resumed", 0),
+        policy_version=doc.get("policy_version", 0),
+        checkpoint=doc.get("checkpoint"),
+    )
 
 
 def _read_token(path: str) -> str | None:
@@ -100,23 +111,48 @@ def create_app(
     config: OrchestratorConfig,
     clients_factory: Callable[[], Clients] | None = None,
     on_iteration: Callable[[str, IterationRecord], None] | None = None,
+    store: Store | None = None,
 ) -> FastAPI:
-    """``clients_factory`` defaults to gRPC clients for ``config.peers`` (tests pass in-process ones)."""
-    runs: dict[str, Run] = {}
+    """``clients_factory`` defaults to gRPC clients for ``config.peers`` (tests pass in-process ones); ``store``
+    to the one ``config.store`` names (the embedded SQLite file under ``run.runs_dir`` by default).
+
+    Runs live in the store: at start-up every run that was active is resumed; stopping the orchestrator leaves
+    them active (the next one resumes them), while POST /runs/{id}/stop ends one for good."""
+    store = store or open_store(config.store, config.run.runs_dir)
+    runs: dict[str, Run] = {}  # the runs this process drives
 
     def factory() -> Clients:
         return clients_factory() if clients_factory else grpc_clients(config.peers, config.rpc)
 
+    async def resume_active() -> None:
+        for doc in await asyncio.to_thread(store.list_runs):
+            state = RunState(doc["state"])
+            if state not in ACTIVE or doc["run_id"] in runs:
+                continue
+            try:
+                run_config = RunConfig.model_validate(doc["config"])
+            except ValueError as exc:
+                await RunDocument(store, doc["run_id"], doc).save(state=RunState.FAILED.value, error=str(exc))
+                continue
+            run = Run(RunDocument(store, doc["run_id"], doc), run_config)
+            metrics.RESUMED_RUNS.inc()
+            log.info("resuming run %s (%s, %d iterations done)", run.run_id, state.value, doc.get("iteration", 0))
+            await run.document.save(resumed=doc.get("resumed", 0) + 1)
+            runs[run.run_id] = run
+            run.task = asyncio.create_task(drive(run, stop=state is RunState.STOPPING))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        await resume_active()
         yield
-        for run in runs.values():  # shutting down: stop after the current iteration, then cancel
-            if run.loop is not None:
-                run.loop.request_stop()
+        # Shutting down: the runs stay active in the store, and the next orchestrator resumes them. The
+        # iteration under way is dropped (done again then: its prompts and seeds are the same).
+        for run in runs.values():
             if run.task is not None and not run.task.done():
                 run.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await run.task
+        await asyncio.to_thread(store.close)
 
     token = _read_token(config.api.token_file)
 
@@ -130,7 +166,7 @@ def create_app(
     protected = [Depends(require_token)]
     app = FastAPI(title="RLHF orchestrator", version="1", lifespan=lifespan)
 
-    async def drive(run: Run) -> None:
+    async def drive(run: Run, stop: bool = False) -> None:
         clients = None
         try:
             if clients_factory is None:
@@ -141,44 +177,57 @@ def create_app(
                 run.config,
                 clients,
                 on_iteration=(lambda r: on_iteration(run.run_id, r)) if on_iteration else None,
+                document=run.document,
+                outage_budget_s=config.rpc.outage_budget_s,
             )
-            run.set_state(RunState.RUNNING)
-            run.summary = await run.loop.run()
-            run.set_state(RunState.STOPPED if run.summary["stopped_early"] else RunState.COMPLETED)
+            if stop:
+                run.loop.request_stop()
+            else:
+                await run.set_state(RunState.RUNNING)
+            summary = await run.loop.run()
+            final = RunState.STOPPED if summary["stopped_early"] else RunState.COMPLETED
+            await run.set_state(final, summary=summary)
         except asyncio.CancelledError:
-            run.set_state(RunState.STOPPED)
-            raise
+            raise  # the orchestrator is stopping: the run stays active in the store
         except Exception as exc:  # the run fails; the API stays up and reports why
             log.exception("run %s failed", run.run_id)
-            run.error = f"{type(exc).__name__}: {exc}"
-            run.set_state(RunState.FAILED)
+            await run.set_state(RunState.FAILED, error=f"{type(exc).__name__}: {exc}")
         finally:
             if clients is not None and clients.close is not None:
                 await clients.close()
 
-    def start(run_config: RunConfig) -> Run:
-        active = [r for r in runs.values() if r.state in (RunState.STARTING, RunState.RUNNING, RunState.STOPPING)]
+    async def start(run_config: RunConfig) -> Run:
+        active = [r for r in runs.values() if r.state in ACTIVE]
         if active:
             raise HTTPException(409, f"run {active[0].run_id} is still {active[0].state.value}")
         if not run_config.dataset:
             raise HTTPException(422, "dataset: a JSONL prompt file is required")
-        run_id = run_config.run_id or new_run_id()
-        if run_id in runs:
+        try:
+            run_id = check_run_id(run_config.run_id or new_run_id())
+        except InvalidInput as exc:
+            raise HTTPException(422, str(exc)) from None
+        if run_id in runs or await asyncio.to_thread(store.get_run, run_id) is not None:
             raise HTTPException(409, f"run id {run_id} exists")
         try:  # fail fast on a bad dataset, before anything is started
-            from services.orchestrator.dataset import load_prompts
-
             load_prompts(run_config.dataset)
         except DatasetError as exc:
             raise HTTPException(422, str(exc)) from None
-        run = Run(run_id, run_config.model_copy(update={"run_id": run_id}))
+        run_config = run_config.model_copy(update={"run_id": run_id})
+        run = Run(RunDocument.new(store, run_id, run_config.model_dump(mode="json")), run_config)
+        await run.set_state(RunState.STARTING)
         runs[run_id] = run
-        run.set_state(RunState.STARTING)
         run.task = asyncio.create_task(drive(run))
         return run
 
+    async def status(run_id: str) -> RunStatus:
+        doc = runs[run_id].document.doc if run_id in runs else await asyncio.to_thread(store.get_run, run_id)
+        if doc is None:
+            raise HTTPException(404, f"no run {run_id}")
+        return run_status(doc, await asyncio.to_thread(store.iterations, run_id))
+
     app.state.start_run = start
     app.state.runs = runs
+    app.state.store = store
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -188,31 +237,30 @@ def create_app(
     async def create_run(run_config: RunConfig | None = None) -> RunStatus:
         """Starts a run; the body is a RunConfig (fields left out take the orchestrator's config values)."""
         merged = config.run.model_copy(update=run_config.model_dump(exclude_unset=True)) if run_config else config.run
-        return start(RunConfig.model_validate(merged.model_dump())).status()
+        run = await start(RunConfig.model_validate(merged.model_dump()))
+        return await status(run.run_id)
 
     @app.get("/runs", dependencies=protected)
     async def list_runs() -> list[RunStatus]:
-        return [run.status() for run in runs.values()]
+        """Every run in the store, oldest first (this orchestrator's and earlier ones')."""
+        docs = await asyncio.to_thread(store.list_runs)
+        return [await status(doc["run_id"]) for doc in docs]
 
     @app.get("/runs/{run_id}", dependencies=protected)
     async def get_run(run_id: str) -> RunStatus:
-        if run_id not in runs:
-            raise HTTPException(404, f"no run {run_id}")
-        return runs[run_id].status()
+        return await status(run_id)
 
     @app.post("/runs/{run_id}/stop", dependencies=protected)
     async def stop_run(run_id: str) -> RunStatus:
         """Stops after the iteration in progress (the trainer and generation stay consistent)."""
         run = runs.get(run_id)
         if run is None:
-            raise HTTPException(404, f"no run {run_id}")
+            return await status(run_id)  # 404, or a run that is not active here
         if run.state in (RunState.STARTING, RunState.RUNNING):
             if run.loop is not None:
                 run.loop.request_stop()
-                run.set_state(RunState.STOPPING)
-            elif run.task is not None:
-                run.task.cancel()
-        return run.status()
+            await run.set_state(RunState.STOPPING)
+        return await status(run_id)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -262,8 +310,12 @@ def run_orchestrator(args) -> None:
             await asyncio.sleep(0.05)
         port = server.servers[0].sockets[0].getsockname()[1]
         log.info("control API on http://%s:%d", config.api.host, port)
-        if args.start:
-            app.state.start_run(config.run)
+        if args.start:  # unless that run is in the store already (resumed, or finished)
+            known = config.run.run_id and await asyncio.to_thread(app.state.store.get_run, config.run.run_id)
+            if known:
+                log.info("run %s is in the store (%s): not started again", config.run.run_id, known["state"])
+            elif not any(r.state in ACTIVE for r in app.state.runs.values()):
+                await app.state.start_run(config.run)
         if args.ready_file is not None:
             tmp = Path(str(args.ready_file) + ".tmp")
             tmp.write_text(json.dumps({"port": port}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import logging
 import random
 import sys
@@ -22,8 +23,8 @@ import grpc
 
 from services.orchestrator.config import DiscoveryMode, PeersConfig, RpcConfig
 from services.orchestrator.dataset import Prompt
-from services.orchestrator.metrics import GENERATION_RESHARES, RPC_FAILURES, RPC_RETRIES
-from services.orchestrator.replicas import Replica, ReplicaPool, replica_source
+from services.orchestrator.metrics import GENERATION_RESHARES, RPC_FAILURES, RPC_RETRIES, WAITING
+from services.orchestrator.replicas import Replica, ReplicaPool, replica_source, same_weights
 from shared.convert import conversations_to_pb, train_stats_from_pb
 from shared.logs import context_metadata
 from shared.proto.rlhf.v1 import (
@@ -41,6 +42,8 @@ from shared.types import SamplingParams, TrainStats
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+RESEND_LIMIT = 20  # sends of one share of a batch before the batch fails (each waits for a usable replica)
+
 
 @dataclass
 class Rollouts:
@@ -53,6 +56,7 @@ class Rollouts:
     policy_version: int  # version of the weights that produced them
     tokens: Any  # opaque: handed unchanged to the reference and trainer clients of the same kind
     temperature: float = 1.0  # T of every log-prob of these samples: log softmax(logits / T) (1 for greedy)
+    policy_epoch: int = 0  # epoch of those weights (the trainer's incarnation; 0 = as loaded)
 
 
 @dataclass
@@ -60,11 +64,44 @@ class WeightSync:
     version: int
     bytes: int  # payload bytes moved, summed over replicas
     seconds: float
+    epoch: int = 0
+
+
+@dataclass
+class StepResult:
+    stats: TrainStats
+    replayed: bool  # the trainer had applied this (run, iteration) before: its stored statistics
+    checkpoint: str  # checkpoint directory the trainer wrote after the step ("" = none)
+
+
+@dataclass
+class TrainerPosition:
+    """Where the trainer's state is: its incarnation, its weights' version, the key of its last step, and the
+    newest checkpoint under its root (the key of that checkpoint's last step)."""
+
+    epoch: int
+    version: int
+    run_id: str
+    iteration: int
+    checkpoint: str = ""
+    checkpoint_run_id: str = ""
+    checkpoint_iteration: int = 0
+
+    def iteration_of(self, run_id: str) -> int:
+        """The last iteration of ``run_id`` the trainer's state includes (0: none, or another run's state)."""
+        return self.iteration if self.run_id == run_id else 0
+
+
+class StepConflict(RuntimeError):
+    """The trainer refused a step that does not follow its state (it went back to an older checkpoint)."""
 
 
 class GenerationClient(Protocol):
-    async def generate(self, prompts: list[Prompt], params: SamplingParams) -> Rollouts: ...
-    async def sync_weights(self, version: int) -> WeightSync: ...
+    async def generate(self, prompts: list[Prompt], params: SamplingParams, wait_s: float | None = None) -> Rollouts:
+        """Samples; waits up to ``wait_s`` (default: the outage budget) for a replica serving the synced weights,
+        then raises ``NoReplicaError``."""
+
+    async def sync_weights(self, version: int, epoch: int = 0) -> WeightSync: ...
 
 
 class RewardClient(Protocol):
@@ -76,7 +113,23 @@ class ReferenceClient(Protocol):
 
 
 class TrainerClient(Protocol):
-    async def train_step(self, rollouts: Rollouts, scores: list[float], reference_logprobs: Any) -> TrainStats: ...
+    def prepare_step(
+        self,
+        rollouts: Rollouts,
+        scores: list[float],
+        reference_logprobs: Any,
+        run_id: str,
+        iteration: int,
+        checkpoint: bool = False,
+    ) -> bytes:
+        """The step's request, serialized (a ``TrainStepRequest``): stored before it is sent, so that it can be
+        sent again after any process dies."""
+
+    async def train_step(self, step: bytes) -> StepResult:
+        """Applies a prepared step once (a retry of an applied one returns its stored result); raises
+        ``StepConflict`` when it does not follow the trainer's state."""
+
+    async def get_state(self) -> TrainerPosition: ...
     async def save_checkpoint(self, directory: str) -> int: ...
 
 
@@ -92,10 +145,34 @@ class Clients:
 # -- gRPC ------------------------------------------------------------------------------------------------------------
 
 
-class Retrying:
-    """Deadline on every call; retries with exponential backoff and jitter while the peer is UNAVAILABLE."""
+_WAITING: dict[str, int] = {}  # peer -> calls waiting for it now
 
-    RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+@contextlib.contextmanager
+def waiting(peer: str):
+    """Marks ``peer`` as waited for (``waiting_for()``, the run's status, ``rlhf_waiting_for_peer``) meanwhile."""
+    _WAITING[peer] = _WAITING.get(peer, 0) + 1
+    WAITING.labels(peer).set(1)
+    try:
+        yield
+    finally:
+        _WAITING[peer] -= 1
+        if not _WAITING[peer]:
+            del _WAITING[peer]
+            WAITING.labels(peer).set(0)
+
+
+def waiting_for() -> set[str]:
+    """The peers some call is waiting for now."""
+    return set(_WAITING)
+
+
+class Retrying:
+    """Deadline on every call; while the peer is down (UNAVAILABLE) or too slow (DEADLINE_EXCEEDED), retries with
+    exponential backoff and jitter for up to ``rpc.outage_budget_s``, with ``rlhf_waiting_for_peer{peer}`` at 1
+    and a warning naming the peer. Other errors are raised at once (a bad request stays bad)."""
+
+    RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
     def __init__(self, config: RpcConfig, peer: str):
         self.config = config
@@ -104,25 +181,45 @@ class Retrying:
     async def __call__(self, method: str, call: Callable[[float], Awaitable[T]], timeout: float) -> T:
         delay = self.config.initial_backoff_s
         retries = RPC_RETRIES.labels(self.peer, method)  # the series exists (at 0) from the first call
-        for attempt in range(1, self.config.max_attempts + 1):
-            try:
-                return await call(timeout)
-            except grpc.aio.AioRpcError as err:
-                if err.code() not in self.RETRYABLE or attempt == self.config.max_attempts:
-                    RPC_FAILURES.labels(self.peer, method, err.code().name).inc()
-                    raise
-                retries.inc()
-                log.warning(
-                    "%s.%s unavailable (attempt %d): %s; retrying in %.1fs",
-                    self.peer,
-                    method,
-                    attempt,
-                    err.details(),
-                    delay,
-                )
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))
-                delay = min(delay * 2, self.config.max_backoff_s)
-        raise AssertionError("unreachable")
+        WAITING.labels(self.peer)
+        started = time.monotonic()
+        attempt = 0
+        wait = contextlib.ExitStack()
+        with wait:
+            while True:
+                attempt += 1
+                try:
+                    return await call(timeout)
+                except grpc.aio.AioRpcError as err:
+                    waited = time.monotonic() - started
+                    if err.code() not in self.RETRYABLE or waited + delay > self.config.outage_budget_s:
+                        RPC_FAILURES.labels(self.peer, method, err.code().name).inc()
+                        if err.code() in self.RETRYABLE:
+                            log.error(
+                                "%s.%s: %s for %.0fs, past the outage budget (rpc.outage_budget_s %.0fs)",
+                                self.peer,
+                                method,
+                                err.code().name,
+                                waited,
+                                self.config.outage_budget_s,
+                            )
+                        raise
+                    retries.inc()
+                    if attempt == 1:
+                        wait.enter_context(waiting(self.peer))
+                    log.warning(
+                        "waiting for %s: %s.%s %s (attempt %d, %.0fs so far): %s; retrying in %.1fs",
+                        self.peer,
+                        self.peer,
+                        method,
+                        err.code().name,
+                        attempt,
+                        waited,
+                        err.details(),
+                        delay,
+                    )
+                    await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                    delay = min(delay * 2, self.config.max_backoff_s)
 
 
 def _channel(address: str, peers: PeersConfig) -> grpc.aio.Channel:
@@ -171,9 +268,9 @@ class GrpcGeneration:
             peers.trainer,
         )
 
-    async def _initial_version(self) -> int:
-        """The version batches come from before the first weight sync: the trainer's (a client with no trainer,
-        sampling only, takes the newest version a replica serves)."""
+    async def _initial_weights(self) -> tuple[int, int]:
+        """The (epoch, version) batches come from before the first weight sync: the trainer's (a client with no
+        trainer, sampling only, takes the newest weights a replica serves)."""
         if not self.peers.trainer:
             return await self.pool.newest_version(self.rpc.wait_ready_s)
         async with _channel(self.peers.trainer, self.peers) as channel:
@@ -183,16 +280,18 @@ class GrpcGeneration:
                 lambda t: stub.GetState(trainer_pb2.GetStateRequest(), timeout=t, metadata=context_metadata()),
                 self.rpc.train_timeout_s,
             )
-        return state.policy_version
+        return state.epoch, state.policy_version
 
-    async def generate(self, prompts: list[Prompt], params: SamplingParams) -> Rollouts:
+    async def generate(self, prompts: list[Prompt], params: SamplingParams, wait_s: float | None = None) -> Rollouts:
         if not prompts:
             raise ValueError("prompts: empty batch")
         as_conversations = conversational(prompts)
         pool = self.pool
         if pool.version is None:
-            await pool.ensure_version(await self._initial_version())
-        version = pool.version
+            epoch, version = await self._initial_weights()
+            await pool.ensure_version(version, epoch)
+        version, epoch = pool.version, pool.epoch
+        wait_s = self.rpc.outage_budget_s if wait_s is None else wait_s
         sampling = generation_pb2.SamplingParams(
             max_new_tokens=params.max_new_tokens,
             temperature=params.temperature,
@@ -219,9 +318,9 @@ class GrpcGeneration:
         try:
             while pending or running:
                 if pending:
-                    replicas = await pool.wait_usable(self.rpc.wait_ready_s)
+                    replicas = await pool.wait_usable(wait_s)
                     for offset, share, attempt in pending:
-                        if attempt > self.rpc.max_attempts:
+                        if attempt > RESEND_LIMIT:
                             raise RuntimeError(
                                 f"prompts {offset}..{offset + len(share) - 1} were sent {attempt - 1} times "
                                 f"without a usable reply; replicas: {pool.describe()}"
@@ -236,7 +335,7 @@ class GrpcGeneration:
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     replica, offset, share, attempt = running.pop(task)
-                    reason = self._settle(task, replica, version)
+                    reason = self._settle(task, replica, (epoch, version))
                     if reason is None:
                         log.debug(
                             "generation replica %s generated prompts %d..%d at policy version %d",
@@ -274,9 +373,10 @@ class GrpcGeneration:
             policy_version=merged.policy_version,
             tokens=merged,
             temperature=params.logprob_temperature,
+            policy_epoch=merged.policy_epoch,
         )
 
-    def _settle(self, call: asyncio.Task, replica: Replica, version: int) -> str | None:
+    def _settle(self, call: asyncio.Task, replica: Replica, weights: tuple[int, int]) -> str | None:
         """None when the call's reply is good; else why its share must be re-sent. Raises on a bad request."""
         if call.cancelled():  # the pool cancels the calls of a replica that left
             return "gone"
@@ -287,15 +387,16 @@ class GrpcGeneration:
             if isinstance(err, grpc.aio.AioRpcError):
                 RPC_FAILURES.labels("generation", "Generate", err.code().name).inc()
             raise err
-        if (served := call.result().policy_version) != version:
-            self.pool.mark_stale(replica, served)
+        reply = call.result()
+        if not same_weights((reply.policy_epoch, reply.policy_version), weights):
+            self.pool.mark_stale(replica, reply.policy_version, reply.policy_epoch)
             return "stale"
         return None
 
-    async def sync_weights(self, version: int) -> WeightSync:
+    async def sync_weights(self, version: int, epoch: int = 0) -> WeightSync:
         start = time.perf_counter()
-        moved = await self.pool.ensure_version(version)
-        return WeightSync(version=version, bytes=moved, seconds=time.perf_counter() - start)
+        moved = await self.pool.ensure_version(version, epoch)
+        return WeightSync(version=version, bytes=moved, seconds=time.perf_counter() - start, epoch=epoch)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -345,7 +446,9 @@ def _merge_generate_replies(
     first prompt of reply i's share (its ``prompt_index`` counts from there)."""
     if len(replies) == 1:
         return replies[0]
-    merged = generation_pb2.GenerateResponse(policy_version=replies[0].policy_version)
+    merged = generation_pb2.GenerateResponse(
+        policy_version=replies[0].policy_version, policy_epoch=replies[0].policy_epoch
+    )
     for reply, offset in zip(replies, offsets, strict=True):
         merged.texts.extend(reply.texts)
         merged.finish_reasons.extend(reply.finish_reasons)
@@ -404,7 +507,15 @@ class GrpcTrainer:
         self.stub = trainer_pb2_grpc.TrainerStub(self.channel)
         self.retry = Retrying(rpc, "trainer")
 
-    async def train_step(self, rollouts: Rollouts, scores: list[float], reference_logprobs) -> TrainStats:
+    def prepare_step(
+        self,
+        rollouts: Rollouts,
+        scores: list[float],
+        reference_logprobs,
+        run_id: str,
+        iteration: int,
+        checkpoint: bool = False,
+    ) -> bytes:
         generated: generation_pb2.GenerateResponse = rollouts.tokens
         request = trainer_pb2.TrainStepRequest(
             prompt_ids=generated.prompt_ids,
@@ -416,13 +527,41 @@ class GrpcTrainer:
             generation_logprobs=generated.response_logprobs,
             policy_version=generated.policy_version,
             temperature=rollouts.temperature,
+            run_id=run_id,
+            iteration=iteration,
+            checkpoint=checkpoint,
         )
-        reply = await self.retry(
-            "TrainStep",
-            lambda t: self.stub.TrainStep(request, timeout=t, metadata=context_metadata()),
+        return request.SerializeToString()
+
+    async def train_step(self, step: bytes) -> StepResult:
+        request = trainer_pb2.TrainStepRequest.FromString(step)
+        try:
+            reply = await self.retry(
+                "TrainStep",
+                lambda t: self.stub.TrainStep(request, timeout=t, metadata=context_metadata()),
+                self.rpc.train_timeout_s,
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                raise StepConflict(err.details()) from None
+            raise
+        return StepResult(train_stats_from_pb(reply.stats), reply.replayed, reply.checkpoint)
+
+    async def get_state(self) -> TrainerPosition:
+        state = await self.retry(
+            "GetState",
+            lambda t: self.stub.GetState(trainer_pb2.GetStateRequest(), timeout=t, metadata=context_metadata()),
             self.rpc.train_timeout_s,
         )
-        return train_stats_from_pb(reply.stats)
+        return TrainerPosition(
+            epoch=state.epoch,
+            version=state.policy_version,
+            run_id=state.run_id,
+            iteration=state.iteration,
+            checkpoint=state.checkpoint,
+            checkpoint_run_id=state.checkpoint_run_id,
+            checkpoint_iteration=state.checkpoint_iteration,
+        )
 
     async def save_checkpoint(self, directory: str) -> int:
         request = trainer_pb2.CheckpointRequest(directory=directory)

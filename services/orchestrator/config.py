@@ -7,6 +7,7 @@ import enum
 from pydantic import Field, field_validator, model_validator
 
 from shared.config import ConfigError, StrictModel
+from shared.store import StoreConfig
 
 
 class DiscoveryMode(enum.StrEnum):
@@ -69,14 +70,18 @@ class RpcConfig(StrictModel):
     logprobs_timeout_s: float = Field(120.0, gt=0, description="deadline of a LogProbs call")
     train_timeout_s: float = Field(600.0, gt=0, description="deadline of a TrainStep call")
     weights_timeout_s: float = Field(300.0, gt=0, description="deadline of a weight sync")
-    max_attempts: int = Field(5, ge=1, description="attempts per call when the peer is UNAVAILABLE")
+    outage_budget_s: float = Field(
+        600.0,
+        gt=0,
+        description="how long a run waits for a peer that is down (UNAVAILABLE) or too slow (deadline exceeded), "
+        "retrying with backoff and jitter, before it fails: long enough for a pod to restart and load its model",
+    )
     initial_backoff_s: float = Field(0.5, gt=0, description="first retry delay; doubles each retry")
     max_backoff_s: float = Field(10.0, gt=0, description="longest retry delay")
     wait_ready_s: float = Field(
         300.0,
         ge=0,
-        description="how long to wait for every peer's health to be SERVING at the start of a run, and during a "
-        "run for a generation replica at the current policy version",
+        description="how long to wait for every peer's health to be SERVING at the start of a run",
     )
 
 
@@ -118,4 +123,7 @@ class OrchestratorConfig(StrictModel):
     peers: PeersConfig = Field(default_factory=PeersConfig)
     rpc: RpcConfig = Field(default_factory=RpcConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    store: StoreConfig = Field(
+        default_factory=StoreConfig, description="where runs are kept (run state, iteration records, pending steps)"
+    )
     run: RunConfig = Field(default_factory=RunConfig)

@@ -70,7 +70,8 @@ def describe(prompt: Prompt) -> str:
 
 
 class PromptCursor:
-    """Walks the prompts in a seeded shuffled order, reshuffling at each epoch; the position can be saved."""
+    """Walks the prompts in a seeded shuffled order, reshuffling at each epoch; the position can be saved, and any
+    stretch of the walk can be read again (``batch_at``): the order is a function of the seed alone."""
 
     def __init__(self, prompts: list[Prompt], seed: int):
         self.prompts = prompts
@@ -83,6 +84,22 @@ class PromptCursor:
         order = list(range(len(self.prompts)))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
+
+    def batch_at(self, start: int, size: int) -> list[Prompt]:
+        """Prompts ``start`` .. ``start + size - 1`` of the walk (counted over every epoch), without moving."""
+        n = len(self.prompts)
+        orders: dict[int, list[int]] = {}
+        batch = []
+        for index in range(start, start + size):
+            epoch, position = divmod(index, n)
+            order = orders.get(epoch) or orders.setdefault(epoch, self._shuffled(epoch))
+            batch.append(self.prompts[order[position]])
+        return batch
+
+    def where(self, index: int) -> dict[str, int]:
+        """Prompt ``index`` of the walk as (epoch, position in that epoch's order): what a run stores."""
+        epoch, position = divmod(index, len(self.prompts))
+        return {"epoch": epoch, "position": position}
 
     def next_batch(self, size: int) -> list[Prompt]:
         batch = []

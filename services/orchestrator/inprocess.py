@@ -10,12 +10,23 @@ import time
 import torch
 
 from services.generation.backend import GenerationBackend
-from services.orchestrator.clients import Clients, Rollouts, WeightSync, conversational
+from services.orchestrator.clients import (
+    Clients,
+    Rollouts,
+    StepConflict,
+    StepResult,
+    TrainerPosition,
+    WeightSync,
+    conversational,
+)
 from services.orchestrator.dataset import Prompt
 from services.reference.backend import ReferenceBackend
 from services.reward.backend import RewardBackend
 from services.trainer.backend import TrainerBackend
-from shared.types import RolloutBatch, Sample, SamplingParams, TrainStats
+from services.trainer.servicer import rollout_from_pb, rollout_to_pb
+from shared.errors import Conflict
+from shared.proto.rlhf.v1 import trainer_pb2
+from shared.types import RolloutBatch, Sample, SamplingParams
 from shared.weights import chunk_weights
 from shared.worker import ModelWorker
 
@@ -26,7 +37,7 @@ class InProcessGeneration:
         self.trainer = trainer
         self.worker = ModelWorker("generation")
 
-    async def generate(self, prompts: list[Prompt], params: SamplingParams) -> Rollouts:
+    async def generate(self, prompts: list[Prompt], params: SamplingParams, wait_s: float | None = None) -> Rollouts:
         ids = (
             self.backend.tokenize_conversations(prompts) if conversational(prompts) else self.backend.tokenize(prompts)
         )
@@ -40,20 +51,32 @@ class InProcessGeneration:
             policy_version=samples[0].policy_version,
             tokens=samples,
             temperature=params.logprob_temperature,
+            policy_epoch=samples[0].policy_epoch,
         )
 
-    async def sync_weights(self, version: int) -> WeightSync:
+    async def sync_weights(self, version: int, epoch: int = 0) -> WeightSync:
         # The same chunking and checks as over the wire, minus the transport.
         start = time.perf_counter()
+        served = (self.backend.epoch, self.backend.version)
+        if served == (self.trainer.epoch, self.trainer.version) or served[1] == self.trainer.version == 0:
+            return WeightSync(version=self.backend.version, bytes=0, seconds=0.0, epoch=self.backend.epoch)
         assembler = self.backend.weight_assembler()
         chunks = chunk_weights(
-            list(self.trainer.policy_state()), self.trainer.version, adapter_config=self.trainer.adapter_config
+            list(self.trainer.policy_state()),
+            self.trainer.version,
+            adapter_config=self.trainer.adapter_config,
+            epoch=self.trainer.epoch,
         )
         for chunk in chunks:
             assembler.add(chunk)
         state = assembler.finish()
         await self.worker.run(self.backend.swap_weights, state, assembler.version, assembler.adapter_config)
-        return WeightSync(version=assembler.version, bytes=assembler.bytes, seconds=time.perf_counter() - start)
+        return WeightSync(
+            version=assembler.version,
+            bytes=assembler.bytes,
+            seconds=time.perf_counter() - start,
+            epoch=assembler.epoch,
+        )
 
 
 class InProcessReward:
@@ -88,7 +111,15 @@ class InProcessTrainer:
         self.backend = backend
         self.worker = ModelWorker("trainer")
 
-    async def train_step(self, rollouts: Rollouts, scores: list[float], reference_logprobs) -> TrainStats:
+    def prepare_step(
+        self,
+        rollouts: Rollouts,
+        scores: list[float],
+        reference_logprobs,
+        run_id: str,
+        iteration: int,
+        checkpoint: bool = False,
+    ) -> bytes:
         samples: list[Sample] = rollouts.tokens
         batch = RolloutBatch(
             prompt_ids=[s.prompt_ids for s in samples],
@@ -99,7 +130,21 @@ class InProcessTrainer:
             policy_version=rollouts.policy_version,
             temperature=rollouts.temperature,
         )
-        return await self.worker.run(self.backend.train_step, batch)
+        return rollout_to_pb(batch, run_id, iteration).SerializeToString()
+
+    async def train_step(self, step: bytes) -> StepResult:
+        request = trainer_pb2.TrainStepRequest.FromString(step)
+        try:
+            stats, replayed = await self.worker.run(
+                self.backend.keyed_step, rollout_from_pb(request), request.run_id, request.iteration
+            )
+        except Conflict as exc:
+            raise StepConflict(str(exc)) from None
+        return StepResult(stats, replayed, "")
+
+    async def get_state(self) -> TrainerPosition:
+        run_id, iteration = self.backend.ledger.position()
+        return TrainerPosition(self.backend.epoch, self.backend.version, run_id, iteration)
 
     async def save_checkpoint(self, directory: str) -> int:
         from pathlib import Path

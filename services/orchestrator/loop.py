@@ -1,30 +1,37 @@
 """The RLHF loop (synchronous form), independent of the transport:
 
-prompts  = dataset.next_batch()
+prompts  = dataset.batch(iteration)                              # the same for the same (seed, iteration)
 rollouts = generation.generate(prompts)                          # policy version v
 scores, reference_logprobs = both(reward.score, reference.logprobs)  # concurrently
-stats    = trainer.train_step(rollouts, scores, reference_logprobs) # -> version v+1
+store.put_step(run, iteration, step)                             # before the trainer sees it
+stats    = trainer.train_step(step)                              # keyed (run, iteration) -> version v+1
 generation.sync_weights(v+1)                                     # before the next generate
+store.commit_iteration(run, iteration, record)
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
 import os
 import statistics
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.orchestrator import metrics
-from services.orchestrator.clients import Clients
+from services.orchestrator.clients import Clients, StepConflict, StepResult, TrainerPosition, waiting
 from services.orchestrator.config import RunConfig
 from services.orchestrator.dataset import PromptCursor, describe, load_prompts
+from services.orchestrator.replicas import NoReplicaError
+from services.orchestrator.runs import RunDocument
 from shared.logs import log_context
+from shared.store import StoreConfig, open_store
 from shared.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -59,13 +66,51 @@ class StopRequested(Exception):
     pass
 
 
+RECHECK_S = 15.0  # while no generation replica serves the policy, look at the trainer again this often
+
+
+def iteration_seed(run_seed: int, iteration: int) -> int:
+    """The sampling seed of an iteration: 62 bits mixed from (run seed, iteration). Prompt k of its batch samples
+    with seed + k (generation derives each sample's random stream from that and the sample's index), so seeds of
+    different iterations do not overlap and a batch gives the same samples however it is split."""
+    digest = hashlib.blake2b(f"rlhf-sampling:{run_seed}:{iteration}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def pack_step(summary: dict, request: bytes) -> bytes:
+    """A stored step: what the iteration's record needs (JSON) and the serialized TrainStep request."""
+    header = json.dumps(summary).encode()
+    return struct.pack("<I", len(header)) + header + request
+
+
+def unpack_step(blob: bytes) -> tuple[dict, bytes]:
+    (size,) = struct.unpack_from("<I", blob)
+    return json.loads(blob[4 : 4 + size]), blob[4 + size :]
+
+
 class RLHFLoop:
+    """Runs the iterations of one run, each exactly once, resuming from the store after any process dies.
+
+    - Iteration i samples prompts (i-1)*P .. i*P-1 of the dataset walk with ``iteration_seed(seed, i)``: the same
+      prompts and seeds whenever it runs.
+    - Before the trainer is asked, the step (its request and what the record needs) is stored under (run, i); a
+      restarted orchestrator sends a stored step again instead of sampling anew, and the trainer applies a
+      (run, i) once (a repeat gets the stored result).
+    - Before sampling, and whenever the trainer refuses a step, the trainer's position is checked: if its state
+      went back (a restart from an older checkpoint), the stored steps since that checkpoint are sent again, then
+      generation is synced to the trainer's new weights.
+    - The record of iteration i and the run's progress are committed together; steps are then pruned up to the
+      trainer's second newest checkpoint of the run.
+    """
+
     def __init__(
         self,
         run_id: str,
         config: RunConfig,
         clients: Clients,
         on_iteration: Callable[[IterationRecord], None] | None = None,
+        document: RunDocument | None = None,
+        outage_budget_s: float = 600.0,
     ):
         self.run_id = run_id
         self.config = config
@@ -75,13 +120,23 @@ class RLHFLoop:
         self.stop_requested = False
         self.run_dir = Path(config.runs_dir) / run_id
         self.cursor = PromptCursor(load_prompts(config.dataset), config.seed)
+        if document is None:  # a loop on its own (benchmarks, tests): the embedded store under runs_dir
+            store = open_store(StoreConfig(), config.runs_dir)
+            document = RunDocument.new(store, run_id, config.model_dump(mode="json"))
+        self.document = document
+        self.store = document.store
+        self.outage_budget_s = outage_budget_s
+        self._checkpoints: list[int] = []  # iterations of this run covered by the trainer's checkpoints, newest last
 
     def request_stop(self) -> None:
         self.stop_requested = True
 
     async def run(self) -> dict:
-        """Runs the configured iterations (or until a stop is requested); writes summary.json; returns it."""
+        """Runs the configured iterations from the last completed one (or until a stop is requested); writes
+        summary.json; returns it."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics.REPLAYED_ITERATIONS.labels(self.run_id)  # the series exists (at 0) from the start
+        await self._restore()
         s = self.config.sampling
         if s.top_p < 1 or s.top_k > 0:
             log.warning(
@@ -94,7 +149,7 @@ class RLHFLoop:
                 s.top_k,
             )
         start = time.perf_counter()
-        for iteration in range(1, self.config.iterations + 1):
+        for iteration in range(len(self.records) + 1, self.config.iterations + 1):
             if self.stop_requested:
                 log.info("run %s: stop requested; ending after %d iterations", self.run_id, iteration - 1)
                 break
@@ -114,20 +169,117 @@ class RLHFLoop:
         os.replace(tmp, self.run_dir / "summary.json")
         return summary
 
+    async def _restore(self) -> None:
+        """Takes up the iterations the store holds; the run's files are cut back to them (an iteration that was
+        under way when a process died is done again, and its lines must not appear twice)."""
+        stored = await asyncio.to_thread(self.store.iterations, self.run_id)
+        self.records = [IterationRecord(**r) for r in stored]
+        done = len(self.records)
+        if [r.iteration for r in self.records] != list(range(1, done + 1)):
+            raise RuntimeError(f"run {self.run_id}: the store's iterations are not 1..{done}")
+        checkpoint = self.document.doc.get("checkpoint")
+        if checkpoint:
+            self._checkpoints = [checkpoint["iteration"]]
+        if done:
+            log.info("run %s: resuming after iteration %d of %d", self.run_id, done, self.config.iterations)
+            self._publish(self.records[-1])
+        lines = "".join(json.dumps(asdict(r)) + "\n" for r in self.records)
+        _rewrite(self.run_dir / "iterations.jsonl", lines)
+        rollouts = self.run_dir / "rollouts.jsonl"
+        if rollouts.exists():
+            kept = [line for line in rollouts.open() if line.strip() and json.loads(line)["iteration"] <= done]
+            _rewrite(rollouts, "".join(kept))
+
     async def _iteration(self, iteration: int) -> IterationRecord:
         phases: dict[str, float] = {}
         t0 = time.perf_counter()
-        prompts = self.cursor.next_batch(self.config.prompts_per_iteration)
+        stored = await asyncio.to_thread(self.store.get_step, self.run_id, iteration)
+        if stored is not None:  # the orchestrator stopped after storing this step: send the same one again
+            summary, step = unpack_step(stored)
+            log.info("run %s iteration %d: sending its stored step again", self.run_id, iteration)
+            phases.update(summary["phases"])
+        else:
+            summary, step = await self._sample(iteration, phases)
+            await asyncio.to_thread(self.store.put_step, self.run_id, iteration, pack_step(summary, step))
+        t2 = time.perf_counter()
+        result = await self._train(iteration, step)
+        stats = result.stats
+        if result.checkpoint:
+            self._checkpoints.append(iteration)
+        phases["train"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        if self.config.record_rollouts:
+            with (self.run_dir / "rollouts.jsonl").open("a") as handle:
+                for prompt, text, score in zip(summary["prompts"], summary["texts"], summary["scores"], strict=True):
+                    line = {
+                        "iteration": iteration,
+                        "policy_version": summary["policy_version"],
+                        "prompt": prompt,
+                        "response": text,
+                        "score": score,
+                    }
+                    handle.write(json.dumps(line) + "\n")
+        # Best effort: a replica that misses the new weights is synced before the next batch is sampled.
+        sync = await self.clients.generation.sync_weights(stats.policy_version, stats.policy_epoch)
+        phases["weight_sync"] = time.perf_counter() - t3
+        scores, lengths = summary["scores"], summary["response_lengths"]
+        record = IterationRecord(
+            iteration=iteration,
+            policy_version=stats.policy_version,
+            reward_mean=statistics.fmean(scores),
+            reward_std=statistics.pstdev(scores),
+            reward_min=min(scores),
+            reward_max=max(scores),
+            response_length_mean=statistics.fmean(lengths),
+            eos_fraction=sum(f == "eos" for f in summary["finish_reasons"]) / len(lengths),
+            kl=stats.kl_mean,
+            kl_coef=stats.kl_coef,
+            policy_loss=stats.policy_loss,
+            value_loss=stats.value_loss,
+            entropy=stats.entropy,
+            clip_fraction=stats.clip_fraction,
+            approx_kl=stats.approx_kl,
+            explained_variance=stats.explained_variance,
+            phase_seconds=phases,
+            weight_sync_bytes=sync.bytes,
+            samples=len(lengths),
+            wall_seconds=time.perf_counter() - t0,
+            example={"prompt": describe(summary["prompts"][0]), "response": summary["texts"][0]},
+        )
+        end = iteration * self.config.prompts_per_iteration
+        checkpoint = self.document.doc.get("checkpoint")
+        if result.checkpoint:
+            checkpoint = {"directory": result.checkpoint, "iteration": iteration}
+        await self.document.commit(
+            asdict(record),
+            iteration=iteration,
+            cursor=self.cursor.where(end),
+            policy_version=stats.policy_version,
+            policy_epoch=stats.policy_epoch,
+            checkpoint=checkpoint,
+        )
+        # Steps a restarted trainer could still need: those after its second newest checkpoint (if the newest one
+        # turns out damaged, it resumes from the one before).
+        if len(self._checkpoints) >= 2:
+            await asyncio.to_thread(self.store.prune_steps, self.run_id, min(self._checkpoints[-2], iteration - 1))
+            self._checkpoints = self._checkpoints[-2:]
+        return record
+
+    async def _sample(self, iteration: int, phases: dict[str, float]) -> tuple[dict, bytes]:
+        """Generates, scores and gets the reference log-probs of the iteration's batch: the step to send."""
+        t0 = time.perf_counter()
+        size = self.config.prompts_per_iteration
+        prompts = self.cursor.batch_at((iteration - 1) * size, size)
         s = self.config.sampling
         params = SamplingParams(
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k,
-            seed=self.config.seed * 100_003 + iteration,
+            seed=iteration_seed(self.config.seed, iteration),
             samples_per_prompt=s.samples_per_prompt,
         )
-        rollouts = await self.clients.generation.generate(prompts, params)
+        rollouts = await self._generate(iteration, prompts, params)
         phases["generate"] = time.perf_counter() - t0
 
         async def timed(name, awaitable):
@@ -142,53 +294,88 @@ class RLHFLoop:
             timed("reference", self.clients.reference.logprobs(rollouts)),
         )
         phases["score_and_reference"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        stats = await self.clients.trainer.train_step(rollouts, scores, reference_logprobs)
-        phases["train"] = time.perf_counter() - t2
-        t3 = time.perf_counter()
-        if self.config.record_rollouts:
-            with (self.run_dir / "rollouts.jsonl").open("a") as handle:
-                for prompt, text, score in zip(rollouts.prompts, rollouts.texts, scores, strict=True):
-                    handle.write(
-                        json.dumps(
-                            {
-                                "iteration": iteration,
-                                "policy_version": rollouts.policy_version,
-                                "prompt": prompt,
-                                "response": text,
-                                "score": score,
-                            }
-                        )
-                        + "\n"
-                    )
-        sync = await self.clients.generation.sync_weights(stats.policy_version)
-        phases["weight_sync"] = time.perf_counter() - t3
-        if sync.version != stats.policy_version:
-            raise RuntimeError(f"generation serves version {sync.version}, trainer is at {stats.policy_version}")
-        lengths = rollouts.response_lengths
-        return IterationRecord(
-            iteration=iteration,
-            policy_version=sync.version,
-            reward_mean=statistics.fmean(scores),
-            reward_std=statistics.pstdev(scores),
-            reward_min=min(scores),
-            reward_max=max(scores),
-            response_length_mean=statistics.fmean(lengths),
-            eos_fraction=sum(f == "eos" for f in rollouts.finish_reasons) / len(lengths),
-            kl=stats.kl_mean,
-            kl_coef=stats.kl_coef,
-            policy_loss=stats.policy_loss,
-            value_loss=stats.value_loss,
-            entropy=stats.entropy,
-            clip_fraction=stats.clip_fraction,
-            approx_kl=stats.approx_kl,
-            explained_variance=stats.explained_variance,
-            phase_seconds=phases,
-            weight_sync_bytes=sync.bytes,
-            samples=len(lengths),
-            wall_seconds=time.perf_counter() - t0,
-            example={"prompt": describe(rollouts.prompts[0]), "response": rollouts.texts[0]},
+        last = iteration == self.config.iterations
+        step = self.clients.trainer.prepare_step(
+            rollouts, scores, reference_logprobs, self.run_id, iteration, checkpoint=last
         )
+        summary = {
+            "prompts": rollouts.prompts,
+            "texts": rollouts.texts,
+            "scores": scores,
+            "response_lengths": rollouts.response_lengths,
+            "finish_reasons": rollouts.finish_reasons,
+            "policy_version": rollouts.policy_version,
+            "policy_epoch": rollouts.policy_epoch,
+            "phases": dict(phases),
+        }
+        return summary, step
+
+    async def _generate(self, iteration: int, prompts: list, params: SamplingParams):
+        """Samples from the policy of iteration - 1, waiting (up to the outage budget) for generation and for the
+        trainer, whose state may go back while the wait lasts."""
+        deadline = time.monotonic() + self.outage_budget_s
+        while True:
+            await self._sync_generation(iteration - 1)
+            try:
+                return await self.clients.generation.generate(prompts, params, wait_s=RECHECK_S)
+            except NoReplicaError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("run %s: %s; checking the trainer and waiting again", self.run_id, exc)
+                with waiting("generation"):
+                    await self._sync_generation(iteration - 1)
+
+    async def _sync_generation(self, iteration: int) -> None:
+        """Makes sure the trainer holds the policy after ``iteration`` and generation serves it."""
+        position = await self._reconcile(iteration)
+        await self.clients.generation.sync_weights(position.version, position.epoch)
+
+    async def _reconcile(self, iteration: int) -> TrainerPosition:
+        """Brings the trainer's state to the end of ``iteration`` of this run: when it went back (a restart from
+        an older checkpoint, or from none), the stored steps since are sent again, in order."""
+        for _ in range(10):  # the trainer may restart again while steps are replayed
+            position = await self.clients.trainer.get_state()
+            have = position.iteration_of(self.run_id)
+            if have > iteration:
+                raise RuntimeError(
+                    f"the trainer has applied iteration {have} of run {self.run_id}, past the {iteration} the "
+                    "store holds: the run's store was lost or rolled back"
+                )
+            if have == iteration:
+                return position
+            log.warning(
+                "run %s: the trainer's state is at iteration %d (epoch %d), not %d: replaying iterations %d..%d",
+                self.run_id,
+                have,
+                position.epoch,
+                iteration,
+                have + 1,
+                iteration,
+            )
+            try:
+                for j in range(have + 1, iteration + 1):
+                    blob = await asyncio.to_thread(self.store.get_step, self.run_id, j)
+                    if blob is None:
+                        raise RuntimeError(
+                            f"run {self.run_id}: the trainer needs iteration {j} again but its step is no longer "
+                            "stored (steps are kept until two trainer checkpoints cover them): has the trainer "
+                            "lost its checkpoint root?"
+                        )
+                    await self.clients.trainer.train_step(unpack_step(blob)[1])
+                    metrics.REPLAYED_ITERATIONS.labels(self.run_id).inc()
+            except StepConflict as exc:
+                log.warning("run %s: replay interrupted (%s); looking at the trainer again", self.run_id, exc)
+        raise RuntimeError(f"run {self.run_id}: could not bring the trainer to iteration {iteration}")
+
+    async def _train(self, iteration: int, step: bytes) -> StepResult:
+        """Sends the step; a trainer whose state went back is first brought to iteration - 1."""
+        for _ in range(10):
+            try:
+                return await self.clients.trainer.train_step(step)
+            except StepConflict as exc:
+                log.warning("run %s iteration %d: %s", self.run_id, iteration, exc)
+                await self._reconcile(iteration - 1)
+        raise RuntimeError(f"run {self.run_id}: the trainer refused iteration {iteration} ten times")
 
     def _publish(self, record: IterationRecord) -> None:
         labels = (self.run_id,)
@@ -232,3 +419,9 @@ class RLHFLoop:
             "stopped_early": len(records) < self.config.iterations,
             "config": self.config.model_dump(mode="json"),
         }
+
+
+def _rewrite(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -29,7 +29,20 @@ PHASE_SECONDS = Histogram(
 WEIGHT_SYNC_BYTES = Counter(
     "rlhf_weight_sync_bytes_total", "Weight payload bytes moved to the generation replicas.", ["run_id"]
 )
-RPC_RETRIES = Counter("rlhf_rpc_retries_total", "RPC attempts retried after UNAVAILABLE.", ["peer", "method"])
+RPC_RETRIES = Counter(
+    "rlhf_rpc_retries_total", "RPC attempts retried after UNAVAILABLE or DEADLINE_EXCEEDED.", ["peer", "method"]
+)
+WAITING = Gauge(
+    "rlhf_waiting_for_peer",
+    "1 while the run waits for this peer (down or too slow: retried within rpc.outage_budget_s), else 0.",
+    ["peer"],
+)
+REPLAYED_ITERATIONS = Counter(
+    "rlhf_replayed_iterations_total",
+    "Stored steps sent to the trainer again because its state went back (a restart from an older checkpoint).",
+    ["run_id"],
+)
+RESUMED_RUNS = Counter("rlhf_resumed_runs_total", "Runs resumed from the store when the orchestrator started.")
 RPC_FAILURES = Counter("rlhf_rpc_failures_total", "RPCs that failed for good.", ["peer", "method", "code"])
 GENERATION_REPLICAS = Gauge(
     "rlhf_generation_replicas",

@@ -43,6 +43,12 @@ class ReplicaState(enum.StrEnum):
     FAILED = "failed"
 
 
+def same_weights(a: tuple[int, int | None], b: tuple[int, int | None]) -> bool:
+    """Whether two (epoch, version) name the same weights: version 0 is the model as loaded, in any epoch; an
+    epoch is the trainer's incarnation (its version goes back when it restarts from a checkpoint)."""
+    return a[1] == b[1] and (a[1] == 0 or a[0] == b[0])
+
+
 class NoReplicaError(RuntimeError):
     """No generation replica serves the current policy version, after waiting ``rpc.wait_ready_s``."""
 
@@ -54,6 +60,7 @@ class Replica:
     stub: generation_pb2_grpc.GenerationStub
     state: ReplicaState = ReplicaState.NEW
     version: int | None = None  # the version it serves, as last seen; None = unknown (new, or after a failure)
+    epoch: int = 0  # the epoch of those weights
     gone: bool = False
     calls: set[asyncio.Task] = field(default_factory=set)  # in flight to it; cancelled when it goes
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one sync at a time
@@ -232,6 +239,7 @@ class ReplicaPool:
         self.rpc = rpc
         self.trainer_address = trainer_address
         self.version: int | None = None
+        self.epoch = 0  # with version: the weights batches must come from
         self.replicas: dict[str, Replica] = {}
         self._changed = asyncio.Event()
         self._reported = asyncio.Event()  # the source reported at least once
@@ -271,12 +279,17 @@ class ReplicaPool:
     def usable(self) -> list[Replica]:
         """Replicas that may take a share of a batch now: ready at the pool's version (by address, for a stable
         split)."""
-        return [
-            r for _, r in sorted(self.replicas.items()) if r.state is ReplicaState.READY and r.version == self.version
-        ]
+        return [r for _, r in sorted(self.replicas.items()) if r.state is ReplicaState.READY and self.serves(r)]
+
+    def serves(self, replica: Replica) -> bool:
+        """Whether ``replica`` serves the pool's weights."""
+        return same_weights((replica.epoch, replica.version), (self.epoch, self.version))
 
     def describe(self) -> str:
-        return ", ".join(f"{a} {r.state.value} v{r.version}" for a, r in sorted(self.replicas.items())) or "none"
+        return (
+            ", ".join(f"{a} {r.state.value} v{r.version} e{r.epoch}" for a, r in sorted(self.replicas.items()))
+            or "none"
+        )
 
     def _set(self, replica: Replica, state: ReplicaState) -> None:
         replica.state = state
@@ -314,17 +327,19 @@ class ReplicaPool:
         replica.version = None
         self._set(replica, ReplicaState.FAILED)
 
-    def mark_stale(self, replica: Replica, version: int) -> None:
-        """It answered with another version than the pool's (restarted, or updated behind our back): sync it."""
+    def mark_stale(self, replica: Replica, version: int, epoch: int) -> None:
+        """It answered with other weights than the pool's (restarted, or updated behind our back): sync it."""
         if replica.gone:
             return
         log.warning(
-            "generation replica %s answered with policy version %d, not %s; syncing it",
+            "generation replica %s answered with policy version %d (epoch %d), not %s (epoch %d); syncing it",
             replica.address,
             version,
+            epoch,
             self.version,
+            self.epoch,
         )
-        replica.version = version
+        replica.version, replica.epoch = version, epoch
         self._set(replica, ReplicaState.NEW)
         self._sync_in_background(replica)
 
@@ -334,14 +349,14 @@ class ReplicaPool:
         reply = await replica.stub.Info(
             generation_pb2.InfoRequest(), timeout=self.rpc.weights_timeout_s, metadata=context_metadata()
         )
-        replica.version = reply.policy_version
+        replica.version, replica.epoch = reply.policy_version, reply.policy_epoch
 
-    async def _sync(self, replica: Replica, version: int) -> None:
-        """Brings ``replica`` to ``version``: Info when its version is unknown, PullWeights when it differs."""
+    async def _sync(self, replica: Replica, version: int, epoch: int) -> None:
+        """Brings ``replica`` to (epoch, version): Info when its version is unknown, PullWeights when it differs."""
         async with replica.lock:
-            if replica.gone or version != self.version:
+            if replica.gone or (epoch, version) != (self.epoch, self.version):
                 return  # superseded by a newer ensure_version, or gone
-            if replica.version == version:
+            if self.serves(replica):
                 self._set(replica, ReplicaState.READY)
                 return
             self._set(replica, ReplicaState.SYNCING)
@@ -349,29 +364,34 @@ class ReplicaPool:
             try:
                 if replica.version is None:
                     await self._info(replica)
-                if replica.version != version:
+                if not self.serves(replica):
                     method = "PullWeights"
                     request = generation_pb2.PullWeightsRequest(
-                        trainer_address=self.trainer_address, min_version=version
+                        trainer_address=self.trainer_address, min_version=version, epoch=epoch
                     )
                     result = await replica.stub.PullWeights(
                         request, timeout=self.rpc.weights_timeout_s, metadata=context_metadata()
                     )
-                    replica.version = result.version
+                    replica.version, replica.epoch = result.version, result.epoch
                     self._unreported_bytes += result.bytes
-                    log.info("generation replica %s pulled policy version %d", replica.address, result.version)
+                    log.info(
+                        "generation replica %s pulled policy version %d (epoch %d)",
+                        replica.address,
+                        result.version,
+                        result.epoch,
+                    )
             except grpc.aio.AioRpcError as err:
                 RPC_FAILURES.labels("generation", method, err.code().name).inc()
                 self.mark_failed(replica, f"{method} for version {version}: {err.code().name} {err.details()}")
                 return
             # A newer version than asked (the trainer moved on during a background sync) is usable after the next
             # ensure_version; until then the replica waits as new.
-            self._set(replica, ReplicaState.READY if replica.version == version else ReplicaState.NEW)
+            self._set(replica, ReplicaState.READY if self.serves(replica) else ReplicaState.NEW)
 
     def _sync_in_background(self, replica: Replica) -> None:
         if self.version is None or (replica.sync_task is not None and not replica.sync_task.done()):
             return
-        task = self.call(replica, self._sync(replica, self.version))
+        task = self.call(replica, self._sync(replica, self.version, self.epoch))
         replica.sync_task = task
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -383,23 +403,25 @@ class ReplicaPool:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._reported.wait(), self.rpc.wait_ready_s)
 
-    async def ensure_version(self, version: int) -> int:
-        """Makes every known replica serve ``version`` (new ones included); returns the weight bytes moved since
-        the last call. Replicas that fail are left out (logged, ``rlhf_generation_replicas{state="failed"}``) and
-        tried again at the next call, or while a batch waits for a replica."""
+    async def ensure_version(self, version: int, epoch: int = 0) -> int:
+        """Makes every known replica serve (epoch, version) (new ones included); returns the weight bytes moved
+        since the last call. Replicas that fail are left out (logged, ``rlhf_generation_replicas{state="failed"}``)
+        and tried again at the next call, or while a batch waits for a replica."""
         await self._first_report()
-        self.version = version
-        syncs = [self.call(r, self._sync(r, version)) for r in list(self.replicas.values())]
+        self.version, self.epoch = version, epoch
+        syncs = [self.call(r, self._sync(r, version, epoch)) for r in list(self.replicas.values())]
         for outcome in await asyncio.gather(*syncs, return_exceptions=True):
             if isinstance(outcome, Exception):  # not an RPC error (those are handled): a bug
                 raise outcome
         moved, self._unreported_bytes = self._unreported_bytes, 0
         if not self.usable():
-            log.warning("no generation replica serves policy version %d yet: %s", version, self.describe())
+            log.warning(
+                "no generation replica serves policy version %d (epoch %d) yet: %s", version, epoch, self.describe()
+            )
         return moved
 
-    async def newest_version(self, timeout: float) -> int:
-        """The newest version any replica serves: the starting version for a client with no trainer to sync from."""
+    async def newest_version(self, timeout: float) -> tuple[int, int]:
+        """The newest (epoch, version) any replica serves: where a client with no trainer to sync from starts."""
         await self._first_report()
         deadline = asyncio.get_running_loop().time() + timeout
         delay = self.rpc.initial_backoff_s
@@ -410,9 +432,9 @@ class ReplicaPool:
             ):
                 if isinstance(outcome, grpc.aio.AioRpcError):
                     log.warning("generation replica Info: %s %s", outcome.code().name, outcome.details())
-            versions = [r.version for r in self.replicas.values() if r.version is not None]
-            if versions:
-                return max(versions)
+            served = [(r.epoch, r.version) for r in self.replicas.values() if r.version is not None]
+            if served:
+                return max(served)
             if not await self._wait_for_change(deadline, delay):
                 raise NoReplicaError(f"no generation replica answered after {timeout:.0f}s: {self.describe()}")
             delay = min(delay * 2, self.rpc.max_backoff_s)

@@ -24,7 +24,14 @@ from transformers import PreTrainedModel
 
 from services.trainer import precision
 from services.trainer.batching import PaddedBatch, pad_batch, pad_right, response_aligned
-from services.trainer.checkpoint import join_optimizer_state, replace_directory, split_optimizer_state
+from services.trainer.checkpoint import (
+    MANIFEST,
+    check_manifest,
+    join_optimizer_state,
+    replace_directory,
+    split_optimizer_state,
+    write_manifest,
+)
 from services.trainer.config import CriticConfig, CriticInit, KLMode, LoRAConfig, PPOConfig, ScoreNormalization
 from services.trainer.critic import Critic
 from services.trainer.lora import (
@@ -36,6 +43,7 @@ from services.trainer.lora import (
     wrap_backbone,
     wrap_policy,
 )
+from services.trainer.steps import StepLedger
 from shared import rl_math
 from shared.lora import adapter_state, load_adapter_state
 from shared.modeling import ModelConfig, load_tokenizer, resolve_device
@@ -70,6 +78,12 @@ class _RunningMoments:
     @property
     def std(self) -> float:
         return math.sqrt(self.m2 / self.count) if self.count else 1.0
+
+
+def new_epoch(previous: int = 0) -> int:
+    """A trainer incarnation: microseconds since the epoch, above ``previous``, so that a restarted trainer (or one
+    that loaded a checkpoint) outranks the weights its earlier self sent."""
+    return max(time.time_ns() // 1000, previous + 1)
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -140,6 +154,9 @@ class TrainerBackend:
         self._score_moments = _RunningMoments()
         self.version = 0
         self.step = 0
+        self.epoch = new_epoch()
+        self.ledger = StepLedger()  # the (run, iteration) of each step applied: see services.trainer.steps
+        self.loaded_checkpoint: Path | None = None  # the checkpoint-root directory this state was resumed from
 
     def _build_optimizers(self) -> None:
         self._optimizers = self._make_optimizers(self.policy)
@@ -163,6 +180,21 @@ class TrainerBackend:
     # ------------------------------------------------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------------------------------------------------
+
+    def keyed_step(self, batch: RolloutBatch, run_id: str, iteration: int) -> tuple[TrainStats, bool]:
+        """``train_step`` at most once per (run_id, iteration): returns (stats, True) with the stored statistics
+        when the step was applied before; raises ``Conflict`` when it does not follow the trainer's position.
+        An empty run_id is an unkeyed step, always applied."""
+        if run_id:
+            stored = self.ledger.check(run_id, iteration)
+            if stored is not None:
+                if iteration == self.ledger.iteration:  # the weights now held are that step's, in this epoch
+                    stored.policy_epoch = self.epoch
+                return stored, True
+        stats = self.train_step(batch)
+        if run_id:
+            self.ledger.record(run_id, iteration, stats)
+        return stats, False
 
     def train_step(self, batch: RolloutBatch) -> TrainStats:
         """One PPO update (``ppo_epochs`` passes) on ``batch``; the policy version goes up by one."""
@@ -206,6 +238,7 @@ class TrainerBackend:
             grad_norm=update["grad_norm"],
             learning_rate=self._optimizers["policy"].param_groups[0]["lr"],
             policy_version=self.version,
+            policy_epoch=self.epoch,
             tokens=int(mask.sum()),
             step_seconds=time.perf_counter() - started,
             generation_logprob_diff=float(rl_math.masked_mean((old_logprobs - generation_logprobs).abs(), mask)),
@@ -443,8 +476,10 @@ class TrainerBackend:
                 "kl_coef": self.kl_coef,
                 "score_moments": asdict(self._score_moments),
                 "optimizers": optimizers,
+                "ledger": self.ledger.to_json(),
             }
             (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            write_manifest(staging)
             replace_directory(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -455,6 +490,8 @@ class TrainerBackend:
     def load_checkpoint(self, directory: Path) -> None:
         """Restores a ``save_checkpoint`` directory; training then continues as if it had never stopped."""
         directory = Path(directory)
+        if (directory / MANIFEST).exists():  # checkpoints written before manifests have none
+            check_manifest(directory)
         state = json.loads((directory / "trainer_state.json").read_text())
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{directory}: checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
@@ -498,4 +535,6 @@ class TrainerBackend:
         self.version = int(state["version"])
         self._kl_controller.value = float(state["kl_coef"])
         self._score_moments = _RunningMoments(**state["score_moments"])
+        self.ledger = StepLedger.from_json(state.get("ledger"))
+        self.epoch = new_epoch(self.epoch)  # the state went back: weights sent from now on outrank the old ones
         log.info("checkpoint %s loaded: step %d, policy version %d", directory, self.step, self.version)

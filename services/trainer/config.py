@@ -117,6 +117,23 @@ class LoRAConfig(StrictModel):
         return self.rank > 0
 
 
+class CheckpointConfig(StrictModel):
+    """The trainer's own checkpoints, from which a restarted trainer resumes by itself."""
+
+    root: str = Field(
+        "",
+        description="directory of the rotating checkpoints (in Kubernetes a PersistentVolume); at start-up the "
+        "newest one that loads is restored. Empty = none",
+    )
+    every: int = Field(
+        10,
+        ge=0,
+        description="write one after every this many steps (0 = only when a TrainStep asks, as a run's last "
+        "does); a restart replays at most this many iterations",
+    )
+    keep: int = Field(3, ge=1, description="newest checkpoints kept; older ones are deleted after each write")
+
+
 class TrainerConfig(StrictModel):
     server: ServerConfig = Field(default_factory=ServerConfig)
     policy: ModelConfig = Field(default_factory=ModelConfig)
@@ -124,7 +141,10 @@ class TrainerConfig(StrictModel):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA adapters instead of full fine-tuning")
     max_batch: int = Field(4096, ge=1, description="most samples accepted in one TrainStep")
-    resume_from: str = Field("", description="checkpoint directory to load at start-up (empty = none)")
+    resume_from: str = Field(
+        "", description="checkpoint directory to load at start-up when checkpoint.root holds none (empty = none)"
+    )
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     gradient_checkpointing: bool = Field(
         False,
         description="recompute each layer's activations in the backward pass instead of storing them (policy and "

@@ -40,6 +40,13 @@ STEP_SECONDS = Histogram(
 )
 TRAINED_TOKENS = Counter("rlhf_trainer_tokens_total", "Response tokens trained on.")
 STEPS = Counter("rlhf_trainer_steps_total", "TrainSteps applied.")
+REPLAYED_STEPS = Counter(
+    "rlhf_trainer_replayed_steps_total", "TrainSteps already applied, answered with their stored result."
+)
+CHECKPOINTS = Counter("rlhf_trainer_checkpoints_total", "Checkpoints written under the checkpoint root.")
+CHECKPOINT_FAILURES = Counter(
+    "rlhf_trainer_checkpoint_failures_total", "Checkpoints under the checkpoint root that could not be written."
+)
 
 
 def observe_train_step(batch: RolloutBatch, stats: TrainStats, seconds: float) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from services.trainer import metrics as trainer_metrics
 from services.trainer.backend import TrainerBackend
+from services.trainer.checkpoint import CheckpointRoot
 from services.trainer.config import TrainerConfig
 from shared import codec, metrics
 from shared.convert import train_stats_to_pb
@@ -45,6 +46,21 @@ def rollout_from_pb(request: trainer_pb2.TrainStepRequest) -> RolloutBatch:
     )
 
 
+def rollout_to_pb(batch: RolloutBatch, run_id: str = "", iteration: int = 0) -> trainer_pb2.TrainStepRequest:
+    """The inverse of ``rollout_from_pb`` (for in-process callers that store their steps as requests)."""
+    return trainer_pb2.TrainStepRequest(
+        prompt_ids=codec.ragged_to_pb(batch.prompt_ids, torch.int64),
+        response_ids=codec.ragged_to_pb(batch.response_ids, torch.int64),
+        scores=codec.tensor_to_pb(batch.scores.to(torch.float32)),
+        reference_logprobs=codec.ragged_to_pb(batch.reference_logprobs, torch.float32),
+        generation_logprobs=codec.ragged_to_pb(batch.generation_logprobs, torch.float32),
+        policy_version=batch.policy_version,
+        temperature=batch.temperature,
+        run_id=run_id,
+        iteration=iteration,
+    )
+
+
 class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
     def __init__(self, config: TrainerConfig):
         self.config = config
@@ -52,19 +68,52 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         # Weight streams read the live parameters (no copy of the model); a TrainStep waits until none is open.
         self._streams = 0
         self._streams_done = asyncio.Condition()
+        self.root = CheckpointRoot(config.checkpoint.root, config.checkpoint.keep) if config.checkpoint.root else None
+        # The newest checkpoint under the root: its directory and the key of its last step; and its step.
+        self.checkpoint: tuple[str, str, int] = ("", "", 0)
+        self._checkpoint_step = -1
         metrics.register_role("trainer", holds_weights=True)
 
     def attach(self, backend: TrainerBackend) -> None:
         super().attach(backend)
         metrics.track_device_memory("trainer", backend.device)
         metrics.WEIGHTS_VERSION.labels("trainer").set(backend.version)
+        if backend.loaded_checkpoint is not None and self.root is not None:
+            self.checkpoint = (str(backend.loaded_checkpoint), *backend.ledger.position())
+            self._checkpoint_step = backend.step
 
-    def _train_step(self, batch: RolloutBatch) -> TrainStats:
-        """The backend's PPO step, timed on the model thread and recorded."""
+    def _train_step(
+        self, batch: RolloutBatch, run_id: str, iteration: int, checkpoint: bool
+    ) -> tuple[TrainStats, bool, str]:
+        """The backend's PPO step (at most once per key), timed on the model thread and recorded; then a checkpoint
+        under the root when one is due. Returns (stats, replayed, checkpoint directory or "")."""
+        backend: TrainerBackend = self.backend
         start = time.perf_counter()
-        stats = self.backend.train_step(batch)
-        trainer_metrics.observe_train_step(batch, stats, time.perf_counter() - start)
-        return stats
+        stats, replayed = backend.keyed_step(batch, run_id, iteration)
+        if not replayed:
+            trainer_metrics.observe_train_step(batch, stats, time.perf_counter() - start)
+            metrics.WEIGHTS_VERSION.labels("trainer").set(backend.version)
+        every = self.config.checkpoint.every
+        due = checkpoint or (every > 0 and backend.step % every == 0)
+        written = ""
+        if self.root is not None and due and self._checkpoint_step != backend.step:
+            written = self._save_to_root()
+        return stats, replayed, written
+
+    def _save_to_root(self) -> str:
+        """A checkpoint under the root (model thread). A failure is logged, not raised: the step stands, and the
+        previous checkpoint remains the one a restart resumes from."""
+        backend: TrainerBackend = self.backend
+        try:
+            path = self.root.save(backend.step, backend.save_checkpoint)
+        except Exception:
+            log.exception("checkpoint of step %d under %s failed", backend.step, self.root.root)
+            trainer_metrics.CHECKPOINT_FAILURES.inc()
+            return ""
+        self.checkpoint = (str(path), *backend.ledger.position())
+        self._checkpoint_step = backend.step
+        trainer_metrics.CHECKPOINTS.inc()
+        return str(path)
 
     async def _exclusive(self, fn, *args):
         """Runs a call that changes the weights, once no weight stream is open (and holds new ones off)."""
@@ -88,7 +137,18 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         _ = self.backend  # UNAVAILABLE while the model is loading
         batch = rollout_from_pb(request)
         self._validate(batch)
-        stats = await self._exclusive(self._train_step, batch)
+        stats, replayed, written = await self._exclusive(
+            self._train_step, batch, request.run_id, request.iteration, request.checkpoint
+        )
+        response = trainer_pb2.TrainStepResponse(stats=train_stats_to_pb(stats), replayed=replayed, checkpoint=written)
+        if replayed:
+            trainer_metrics.REPLAYED_STEPS.inc()
+            log.info(
+                "step (run %s, iteration %d) was applied before: its stored result, nothing trained",
+                request.run_id,
+                request.iteration,
+            )
+            return response
         log.info(
             "step -> version %d: %d samples, %d tokens, kl %.3f, beta %.4f, policy loss %.4f, %.2fs",
             stats.policy_version,
@@ -99,7 +159,7 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
             stats.policy_loss,
             stats.step_seconds,
         )
-        return trainer_pb2.TrainStepResponse(stats=train_stats_to_pb(stats))
+        return response
 
     async def StreamWeights(self, request: trainer_pb2.StreamWeightsRequest, context: grpc.aio.ServicerContext):
         backend: TrainerBackend = self.backend
@@ -114,7 +174,8 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         try:
             start, sent = time.perf_counter(), 0
             tensors = list(backend.policy_state())
-            for chunk in chunk_weights(tensors, backend.version, chunk_bytes, backend.adapter_config):
+            chunks = chunk_weights(tensors, backend.version, chunk_bytes, backend.adapter_config, backend.epoch)
+            for chunk in chunks:
                 sent += len(chunk.data)
                 yield chunk
             metrics.observe_weight_update("trainer", sent, time.perf_counter() - start)  # complete streams only
@@ -124,10 +185,15 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
                 self._streams_done.notify_all()
 
     async def SaveCheckpoint(self, request: trainer_pb2.CheckpointRequest, context):
-        if not request.directory:
-            raise InvalidInput("directory", "is empty")
         backend: TrainerBackend = self.backend
-        path = await self.worker.run(backend.save_checkpoint, Path(request.directory))
+        if not request.directory:
+            if self.root is None:
+                raise InvalidInput("directory", "is empty, and this trainer has no checkpoint.root to write under")
+            path = await self.worker.run(self.root.save, backend.step, backend.save_checkpoint)
+            self.checkpoint = (str(path), *backend.ledger.position())
+            self._checkpoint_step = backend.step
+        else:
+            path = await self.worker.run(backend.save_checkpoint, Path(request.directory))
         return trainer_pb2.CheckpointResponse(directory=str(path), policy_version=backend.version, step=backend.step)
 
     async def LoadCheckpoint(self, request: trainer_pb2.CheckpointRequest, context):
@@ -143,7 +209,19 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
 
     async def GetState(self, request, context):
         backend: TrainerBackend = self.backend
-        return trainer_pb2.TrainerState(policy_version=backend.version, step=backend.step, kl_coef=backend.kl_coef)
+        run_id, iteration = backend.ledger.position()
+        checkpoint, checkpoint_run_id, checkpoint_iteration = self.checkpoint
+        return trainer_pb2.TrainerState(
+            policy_version=backend.version,
+            step=backend.step,
+            kl_coef=backend.kl_coef,
+            epoch=backend.epoch,
+            run_id=run_id,
+            iteration=iteration,
+            checkpoint=checkpoint,
+            checkpoint_run_id=checkpoint_run_id,
+            checkpoint_iteration=checkpoint_iteration,
+        )
 
 
 def load_backend(config: TrainerConfig) -> TrainerBackend:
@@ -154,7 +232,14 @@ def load_backend(config: TrainerConfig) -> TrainerBackend:
         gradient_checkpointing=config.gradient_checkpointing,
         lora=config.lora,
     )
-    if config.resume_from:
+    loaded = None
+    if config.checkpoint.root:  # the newest good checkpoint of an earlier run of this trainer, if any
+        root = CheckpointRoot(config.checkpoint.root, config.checkpoint.keep)
+        root.clean_staging()
+        loaded = backend.loaded_checkpoint = root.load_latest(backend.load_checkpoint)
+        if loaded is not None:
+            log.info("resumed from %s: step %d, policy version %d", loaded, backend.step, backend.version)
+    if loaded is None and config.resume_from:
         backend.load_checkpoint(Path(config.resume_from))
     return backend
 

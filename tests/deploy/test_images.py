@@ -460,7 +460,9 @@ def test_orchestrator_command_parses_and_its_peers_are_the_model_services(compos
         for address in addresses:
             host, _, port = address.rpartition(":")
             assert host in names and int(port) == role_config.server.port, f"{name}: peers.{role} {address}"
-    assert set(service["depends_on"]) == {models[r]["name"] for r in ROLES}
+    # The model services, and Redis: the run store (store.url) it keeps runs in.
+    assert set(service["depends_on"]) == {models[r]["name"] for r in ROLES} | {"redis"}
+    assert config.store.url == "redis://redis:6379/0" and "redis" in services
 
 
 def test_cpu_profile_runs_the_demo_settings_on_what_init_writes(compose):

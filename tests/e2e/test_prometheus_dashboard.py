@@ -40,7 +40,7 @@ JOBS = (*ROLES, "orchestrator")
 # What Grafana would substitute at a 15 s step over a 5 s scrape interval (rate_interval >= 4 scrapes).
 RATE_INTERVAL, INTERVAL = "30s", "15s"
 # Retries fast enough to ride out a restart of the reward service (each retry waits at most 1 s).
-ORCHESTRATOR = {"rpc": {"wait_ready_s": 60, "max_attempts": 40, "initial_backoff_s": 0.2, "max_backoff_s": 1.0}}
+ORCHESTRATOR = {"rpc": {"wait_ready_s": 60, "outage_budget_s": 120, "initial_backoff_s": 0.2, "max_backoff_s": 1.0}}
 METRIC_NAME = re.compile(r"\b(?:rlhf|grpc_server|process)_[a-z_]+\b")
 
 

@@ -59,12 +59,12 @@ class Choreographed:
         self.iteration = 0
         self.spans: dict[int, tuple[int, int]] = {}  # iteration -> range of log records its Generate wrote
 
-    async def generate(self, prompts, params):
+    async def generate(self, prompts, params, wait_s=None):
         self.iteration += 1
         if self.iteration in self.before:
             await self.before[self.iteration]()
         first = len(self.records)
-        call = asyncio.create_task(self.inner.generate(prompts, params))
+        call = asyncio.create_task(self.inner.generate(prompts, params, wait_s))
         if self.iteration in self.during:
             await self.during[self.iteration]()
         try:
@@ -72,8 +72,8 @@ class Choreographed:
         finally:
             self.spans[self.iteration] = (first, len(self.records))
 
-    async def sync_weights(self, version):
-        return await self.inner.sync_weights(version)
+    async def sync_weights(self, version, epoch=0):
+        return await self.inner.sync_weights(version, epoch)
 
 
 async def _generating(metrics_url: str, timeout: float = 30) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import grpc
 import httpx
@@ -159,7 +160,7 @@ async def test_retries_with_backoff_until_a_late_peer_comes_up():
     """A real reward server that starts listening only after the client began calling."""
     config = RewardConfig.model_validate({**REWARD, "server": {"port": 0}})
     server, port = await build_reward(config, load_backend(config))  # bound, not started: connections refused
-    rpc = RpcConfig(initial_backoff_s=0.2, max_attempts=8, max_backoff_s=0.5)
+    rpc = RpcConfig(initial_backoff_s=0.2, outage_budget_s=30, max_backoff_s=0.5)
     reward = GrpcReward(PeersConfig(reward=f"127.0.0.1:{port}"), rpc)
     from services.orchestrator.clients import Rollouts
 
@@ -172,17 +173,25 @@ async def test_retries_with_backoff_until_a_late_peer_comes_up():
     await reward.channel.close()
 
 
-async def test_retrying_gives_up_after_max_attempts_and_never_retries_bad_input():
-    attempts = []
+async def test_retrying_waits_out_the_outage_budget_and_never_retries_bad_input():
+    """UNAVAILABLE and DEADLINE_EXCEEDED are retried (with the peer shown as waited for) until the outage budget
+    is spent; a bad request is not retried."""
+    from services.orchestrator.clients import waiting_for
+
+    attempts, seen_waiting = [], []
 
     async def unavailable(timeout):
-        attempts.append(timeout)
-        raise _rpc_error(grpc.StatusCode.UNAVAILABLE)
+        attempts.append(time.monotonic())
+        seen_waiting.append("peer" in waiting_for())
+        raise _rpc_error(grpc.StatusCode.UNAVAILABLE if len(attempts) % 2 else grpc.StatusCode.DEADLINE_EXCEEDED)
 
-    retry = Retrying(RpcConfig(initial_backoff_s=0.01, max_attempts=3), "peer")
+    retry = Retrying(RpcConfig(initial_backoff_s=0.01, max_backoff_s=0.05, outage_budget_s=0.5), "peer")
+    begin = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError):
         await retry("M", unavailable, 1.5)
-    assert attempts == [1.5, 1.5, 1.5]
+    assert 0.4 <= time.monotonic() - begin < 1.5 and len(attempts) >= 5
+    assert seen_waiting[0] is False and all(seen_waiting[1:])  # waiting from the first retry on
+    assert "peer" not in waiting_for()
 
     async def invalid(timeout):
         attempts.append(timeout)
@@ -230,7 +239,7 @@ async def test_prompts_are_split_across_generation_replicas_and_merged_in_order(
 async def test_a_stale_replica_is_resynced_and_its_share_resent_and_no_replica_left_is_an_error(tiny_policy_dir):
     """Two replicas and a trainer: a replica that answers with an older policy version (as one restarted behind
     the pool's back would) has its share re-sent to the other and pulls the current version from the trainer;
-    when every replica is down, generate fails after ``rpc.wait_ready_s``."""
+    when every replica is down, generate fails after ``rpc.outage_budget_s``."""
     from services.orchestrator.metrics import GENERATION_RESHARES
     from services.orchestrator.replicas import NoReplicaError, ReplicaState
     from services.trainer.config import TrainerConfig
@@ -247,13 +256,13 @@ async def test_a_stale_replica_is_resynced_and_its_share_resent_and_no_replica_l
     for context in contexts:
         await context.__aenter__()
     peers = PeersConfig(generation=[f"127.0.0.1:{port}" for _, port in replicas], trainer=f"127.0.0.1:{trainer_port}")
-    client = GrpcGeneration(peers, RpcConfig(initial_backoff_s=0.05, max_backoff_s=0.1, wait_ready_s=1))
+    client = GrpcGeneration(peers, RpcConfig(initial_backoff_s=0.05, max_backoff_s=0.1, outage_budget_s=1))
     prompts = ["the cat is", "we", "she", "the day was"]
     params = SamplingParams(max_new_tokens=4, seed=1)
     try:
         assert (await client.generate(prompts, params)).policy_version == 0
         trainer.version = 1  # as after a step (the weights are the same; the version is what is checked)
-        assert (await client.sync_weights(1)).version == 1
+        assert (await client.sync_weights(1, trainer.epoch)).version == 1
         stale_backend = replicas[1][0].servicers[0].backend
         stale_backend.version = 0  # restarted behind the pool's back: it serves the initial weights again
         stale = GENERATION_RESHARES.labels("stale")._value.get()
@@ -281,7 +290,7 @@ async def test_api_token_guards_the_runs_but_not_health_or_metrics(clients_facto
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")
     config = OrchestratorConfig.model_validate(
-        {"api": {"token_file": str(token_file)}, "run": {"dataset": str(dataset)}}
+        {"api": {"token_file": str(token_file)}, "run": {"dataset": str(dataset), "runs_dir": str(tmp_path)}}
     )
     transport = httpx.ASGITransport(app=create_app(config, clients_factory))
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
@@ -296,4 +305,9 @@ async def test_api_token_guards_the_runs_but_not_health_or_metrics(clients_facto
     empty = tmp_path / "empty"
     empty.write_text("")
     with pytest.raises(ValueError, match="token_file"):
-        create_app(OrchestratorConfig.model_validate({"api": {"token_file": str(empty)}}), clients_factory)
+        create_app(
+            OrchestratorConfig.model_validate(
+                {"api": {"token_file": str(empty)}, "run": {"runs_dir": str(tmp_path)}}
+            ),
+            clients_factory,
+        )

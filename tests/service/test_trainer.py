@@ -31,6 +31,7 @@ from tests.helpers import forward_logprobs, sample_tokens
 from tests.service.grpc_helpers import expect_status, health_status, running
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 TOO_LARGE = grpc.StatusCode.RESOURCE_EXHAUSTED
 FIRST_ORDINARY_ID = 4  # ids 0..3 are <pad>, <s>, </s>, <unk>
 MAX_MESSAGE_BYTES = 128 * 1024  # small enough that the default weight chunk splits the embeddings
@@ -243,21 +244,25 @@ async def test_generation_pulls_the_trained_policy(config, backend, rollout, tin
         info = generation_pb2.InfoRequest()
         await trainer.TrainStep(_request(rollout), timeout=60)
 
-        # The trainer holds version 1: asking for 2 fails and leaves the served (initial) weights in place.
+        # The trainer holds version 1: asking for 2, or for another epoch (as if it had restarted since), fails and
+        # leaves the served (initial) weights in place.
         too_new = generation_pb2.PullWeightsRequest(trainer_address=address, min_version=2)
-        await expect_status(generation.PullWeights(too_new, timeout=30), INVALID, "min_version")
+        await expect_status(generation.PullWeights(too_new, timeout=30), PRECONDITION, "min_version")
+        other_epoch = generation_pb2.PullWeightsRequest(trainer_address=address, min_version=1, epoch=backend.epoch - 1)
+        await expect_status(generation.PullWeights(other_epoch, timeout=30), PRECONDITION, "epoch")
         assert (await generation.Info(info, timeout=5)).policy_version == 0
         version, before = await _served(generation, prompts)
         assert version == 0
         _assert_logprobs_of(initial_policy, before)
 
-        pull = generation_pb2.PullWeightsRequest(trainer_address=address, min_version=1)
+        pull = generation_pb2.PullWeightsRequest(trainer_address=address, min_version=1, epoch=backend.epoch)
         result = await generation.PullWeights(pull, timeout=30)
+        assert result.epoch == backend.epoch and (await generation.Info(info, timeout=5)).policy_epoch == backend.epoch
         trained = dict(backend.policy_state())  # version 1, before the trainer moves on
         assert (await generation.Info(info, timeout=5)).policy_version == 1
         version, after = await _served(generation, prompts)
 
-        await expect_status(generation.PullWeights(too_new, timeout=30), INVALID, "min_version")
+        await expect_status(generation.PullWeights(too_new, timeout=30), PRECONDITION, "min_version")
         assert (await generation.Info(info, timeout=5)).policy_version == 1
         _, again = await _served(generation, prompts)
         # The refused pull hung up on the trainer mid-stream; that stream is closed, so training goes on.
