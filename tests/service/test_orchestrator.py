@@ -306,8 +306,6 @@ async def test_api_token_guards_the_runs_but_not_health_or_metrics(clients_facto
     empty.write_text("")
     with pytest.raises(ValueError, match="token_file"):
         create_app(
-            OrchestratorConfig.model_validate(
-                {"api": {"token_file": str(empty)}, "run": {"runs_dir": str(tmp_path)}}
-            ),
+            OrchestratorConfig.model_validate({"api": {"token_file": str(empty)}, "run": {"runs_dir": str(tmp_path)}}),
             clients_factory,
         )
