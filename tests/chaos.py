@@ -144,7 +144,8 @@ def run(
             "record_rollouts": True,
         }
         # Kill i happens once iteration thresholds[i] is done, plus a random moment of the next iteration.
-        thresholds = sorted(rng.randrange(0, iterations - 1) for _ in kills)
+        # The last kill comes at least 4 iterations before the end, so that the run cannot end before it.
+        thresholds = sorted(rng.randrange(0, max(1, iterations - 4)) for _ in kills)
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=stack.api, timeout=10) as client:
             created = client.post("/runs", json=spec)
@@ -159,7 +160,7 @@ def run(
                     raise AssertionError(f"run ended {status['state']} before every kill: {status.get('error')}")
                 if pending and status is not None and status["iteration"] >= pending[0][0]:
                     _, target = pending.pop(0)
-                    time.sleep(rng.uniform(0, 1.5))
+                    time.sleep(rng.uniform(0, 1.0))
                     done = (_get(client, "/runs/chaos") or status)["iteration"]
                     if done >= iterations:
                         pending.insert(0, (0, target))  # too late for this one; the run is over
