@@ -22,10 +22,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from pydantic import BaseModel
 
 from services.orchestrator import metrics
-from services.orchestrator.clients import Clients, grpc_clients, wait_until_serving, waiting_for
+from services.orchestrator.clients import Clients, grpc_clients, wait_until_serving
 from services.orchestrator.config import OrchestratorConfig, RunConfig
 from services.orchestrator.dataset import DatasetError, load_prompts
 from services.orchestrator.loop import IterationRecord, RLHFLoop
+from services.orchestrator.metrics import waiting_for
 from services.orchestrator.runs import ACTIVE, RunDocument, RunState
 from shared.config import ConfigError
 from shared.errors import InvalidInput

@@ -23,7 +23,7 @@ import grpc
 
 from services.orchestrator.config import DiscoveryMode, PeersConfig, RpcConfig
 from services.orchestrator.dataset import Prompt
-from services.orchestrator.metrics import GENERATION_RESHARES, RPC_FAILURES, RPC_RETRIES, WAITING
+from services.orchestrator.metrics import GENERATION_RESHARES, RPC_FAILURES, RPC_RETRIES, WAITING, waiting
 from services.orchestrator.replicas import Replica, ReplicaPool, replica_source, same_weights
 from shared.convert import conversations_to_pb, train_stats_from_pb
 from shared.logs import context_metadata
@@ -143,28 +143,6 @@ class Clients:
 
 
 # -- gRPC ------------------------------------------------------------------------------------------------------------
-
-
-_WAITING: dict[str, int] = {}  # peer -> calls waiting for it now
-
-
-@contextlib.contextmanager
-def waiting(peer: str):
-    """Marks ``peer`` as waited for (``waiting_for()``, the run's status, ``rlhf_waiting_for_peer``) meanwhile."""
-    _WAITING[peer] = _WAITING.get(peer, 0) + 1
-    WAITING.labels(peer).set(1)
-    try:
-        yield
-    finally:
-        _WAITING[peer] -= 1
-        if not _WAITING[peer]:
-            del _WAITING[peer]
-            WAITING.labels(peer).set(0)
-
-
-def waiting_for() -> set[str]:
-    """The peers some call is waiting for now."""
-    return set(_WAITING)
 
 
 class Retrying:
@@ -505,6 +483,12 @@ class GrpcTrainer:
         self.rpc = rpc
         self.channel = _channel(peers.trainer, peers)
         self.stub = trainer_pb2_grpc.TrainerStub(self.channel)
+        # TrainStep taking the request already serialized (as stored): no parse and re-serialize per send.
+        self._train_step_bytes = self.channel.unary_unary(
+            "/rlhf.v1.Trainer/TrainStep",
+            request_serializer=None,
+            response_deserializer=trainer_pb2.TrainStepResponse.FromString,
+        )
         self.retry = Retrying(rpc, "trainer")
 
     def prepare_step(
@@ -534,11 +518,10 @@ class GrpcTrainer:
         return request.SerializeToString()
 
     async def train_step(self, step: bytes) -> StepResult:
-        request = trainer_pb2.TrainStepRequest.FromString(step)
         try:
             reply = await self.retry(
                 "TrainStep",
-                lambda t: self.stub.TrainStep(request, timeout=t, metadata=context_metadata()),
+                lambda t: self._train_step_bytes(step, timeout=t, metadata=context_metadata()),
                 self.rpc.train_timeout_s,
             )
         except grpc.aio.AioRpcError as err:

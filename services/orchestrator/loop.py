@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.orchestrator import metrics
-from services.orchestrator.clients import Clients, StepConflict, StepResult, TrainerPosition, waiting
+from services.orchestrator.clients import Clients, StepConflict, StepResult, TrainerPosition
 from services.orchestrator.config import RunConfig
 from services.orchestrator.dataset import PromptCursor, describe, load_prompts
 from services.orchestrator.replicas import NoReplicaError
@@ -322,8 +322,6 @@ class RLHFLoop:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("run %s: %s; checking the trainer and waiting again", self.run_id, exc)
-                with waiting("generation"):
-                    await self._sync_generation(iteration - 1)
 
     async def _sync_generation(self, iteration: int) -> None:
         """Makes sure the trainer holds the policy after ``iteration`` and generation serves it."""

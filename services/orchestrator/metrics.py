@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram
 
 ITERATION = Gauge("rlhf_iteration", "Iterations completed in the current run.", ["run_id"])
@@ -37,6 +39,28 @@ WAITING = Gauge(
     "1 while the run waits for this peer (down or too slow: retried within rpc.outage_budget_s), else 0.",
     ["peer"],
 )
+_WAITING: dict[str, int] = {}  # peer -> calls waiting for it now
+
+
+@contextlib.contextmanager
+def waiting(peer: str):
+    """Marks ``peer`` as waited for (``waiting_for()``, the run's status, ``rlhf_waiting_for_peer``) meanwhile."""
+    _WAITING[peer] = _WAITING.get(peer, 0) + 1
+    WAITING.labels(peer).set(1)
+    try:
+        yield
+    finally:
+        _WAITING[peer] -= 1
+        if not _WAITING[peer]:
+            del _WAITING[peer]
+            WAITING.labels(peer).set(0)
+
+
+def waiting_for() -> set[str]:
+    """The peers some call is waiting for now."""
+    return set(_WAITING)
+
+
 REPLAYED_ITERATIONS = Counter(
     "rlhf_replayed_iterations_total",
     "Stored steps sent to the trainer again because its state went back (a restart from an older checkpoint).",

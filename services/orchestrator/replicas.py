@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import grpc
 
 from services.orchestrator.config import DiscoveryMode, GenerationDiscovery, PeersConfig, RpcConfig
-from services.orchestrator.metrics import GENERATION_REPLICAS, GENERATION_RESHARES, RPC_FAILURES
+from services.orchestrator.metrics import GENERATION_REPLICAS, GENERATION_RESHARES, RPC_FAILURES, waiting
 from shared.logs import context_metadata
 from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc
 
@@ -441,19 +441,22 @@ class ReplicaPool:
 
     async def wait_usable(self, timeout: float) -> list[Replica]:
         """The usable replicas, waiting (while syncing new and failed ones, with backoff) until there is one."""
+        if usable := self.usable():
+            return usable
         deadline = asyncio.get_running_loop().time() + timeout
         delay = self.rpc.initial_backoff_s
-        while not (usable := self.usable()):
-            for replica in list(self.replicas.values()):
-                if replica.state in (ReplicaState.NEW, ReplicaState.FAILED):
-                    self._sync_in_background(replica)
-            if not await self._wait_for_change(deadline, delay):
-                RPC_FAILURES.labels("generation", "Generate", grpc.StatusCode.UNAVAILABLE.name).inc()
-                raise NoReplicaError(
-                    f"no generation replica serves policy version {self.version} after {timeout:.0f}s: "
-                    f"{self.describe()}"
-                )
-            delay = min(delay * 2, self.rpc.max_backoff_s)
+        with waiting("generation"):
+            while not (usable := self.usable()):
+                for replica in list(self.replicas.values()):
+                    if replica.state in (ReplicaState.NEW, ReplicaState.FAILED):
+                        self._sync_in_background(replica)
+                if not await self._wait_for_change(deadline, delay):
+                    RPC_FAILURES.labels("generation", "Generate", grpc.StatusCode.UNAVAILABLE.name).inc()
+                    raise NoReplicaError(
+                        f"no generation replica serves policy version {self.version} after {timeout:.0f}s: "
+                        f"{self.describe()}"
+                    )
+                delay = min(delay * 2, self.rpc.max_backoff_s)
         return usable
 
     async def _wait_for_change(self, deadline: float, delay: float) -> bool:

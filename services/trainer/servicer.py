@@ -101,19 +101,23 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         return stats, replayed, written
 
     def _save_to_root(self) -> str:
-        """A checkpoint under the root (model thread). A failure is logged, not raised: the step stands, and the
-        previous checkpoint remains the one a restart resumes from."""
-        backend: TrainerBackend = self.backend
+        """A checkpoint under the root after a step (model thread). A failure is logged, not raised: the step
+        stands, and the previous checkpoint remains the one a restart resumes from."""
         try:
-            path = self.root.save(backend.step, backend.save_checkpoint)
+            return str(self._checkpoint_now())
         except Exception:
-            log.exception("checkpoint of step %d under %s failed", backend.step, self.root.root)
+            log.exception("checkpoint of step %d under %s failed", self.backend.step, self.root.root)
             trainer_metrics.CHECKPOINT_FAILURES.inc()
             return ""
+
+    def _checkpoint_now(self) -> Path:
+        """Writes a checkpoint under the root and makes it the one GetState reports (model thread)."""
+        backend: TrainerBackend = self.backend
+        path = self.root.save(backend.step, backend.save_checkpoint)
         self.checkpoint = (str(path), *backend.ledger.position())
         self._checkpoint_step = backend.step
         trainer_metrics.CHECKPOINTS.inc()
-        return str(path)
+        return path
 
     async def _exclusive(self, fn, *args):
         """Runs a call that changes the weights, once no weight stream is open (and holds new ones off)."""
@@ -189,9 +193,7 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         if not request.directory:
             if self.root is None:
                 raise InvalidInput("directory", "is empty, and this trainer has no checkpoint.root to write under")
-            path = await self.worker.run(self.root.save, backend.step, backend.save_checkpoint)
-            self.checkpoint = (str(path), *backend.ledger.position())
-            self._checkpoint_step = backend.step
+            path = await self.worker.run(self._checkpoint_now)
         else:
             path = await self.worker.run(backend.save_checkpoint, Path(request.directory))
         return trainer_pb2.CheckpointResponse(directory=str(path), policy_version=backend.version, step=backend.step)

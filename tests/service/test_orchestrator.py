@@ -176,7 +176,7 @@ async def test_retries_with_backoff_until_a_late_peer_comes_up():
 async def test_retrying_waits_out_the_outage_budget_and_never_retries_bad_input():
     """UNAVAILABLE and DEADLINE_EXCEEDED are retried (with the peer shown as waited for) until the outage budget
     is spent; a bad request is not retried."""
-    from services.orchestrator.clients import waiting_for
+    from services.orchestrator.metrics import waiting_for
 
     attempts, seen_waiting = [], []
 
