@@ -66,7 +66,7 @@ bench: $(GEN_STAMP)
 	$(PY) -m services.bench
 
 # One long run with many random kill -9s of every process (and of Redis), each restarted on its address, against
-# the same run without kills: prints the kills survived and anything lost. About 15 minutes on 2 cores.
+# the same run without kills: prints the kills survived and anything lost. About 8 minutes on 2 cores.
 chaos: $(GEN_STAMP) system-deps
 	$(PY) -m tests.chaos --kills $${KILLS:-50}
 
