@@ -220,8 +220,13 @@ def create_app(
         run.task = asyncio.create_task(drive(run))
         return run
 
-    async def status(run_id: str) -> RunStatus:
-        doc = runs[run_id].document.doc if run_id in runs else await asyncio.to_thread(store.get_run, run_id)
+    async def status(run_id: str, doc: dict | None = None) -> RunStatus:
+        """The run's status: this process's document for a run it drives (the newest), else ``doc`` or the
+        store's."""
+        if run_id in runs:
+            doc = runs[run_id].document.doc
+        elif doc is None:
+            doc = await asyncio.to_thread(store.get_run, run_id)
         if doc is None:
             raise HTTPException(404, f"no run {run_id}")
         return run_status(doc, await asyncio.to_thread(store.iterations, run_id))
@@ -237,15 +242,15 @@ def create_app(
     @app.post("/runs", status_code=201, dependencies=protected)
     async def create_run(run_config: RunConfig | None = None) -> RunStatus:
         """Starts a run; the body is a RunConfig (fields left out take the orchestrator's config values)."""
-        merged = config.run.model_copy(update=run_config.model_dump(exclude_unset=True)) if run_config else config.run
-        run = await start(RunConfig.model_validate(merged.model_dump()))
+        given = run_config.model_dump(exclude_unset=True) if run_config else {}
+        run = await start(RunConfig.model_validate({**config.run.model_dump(), **given}))
         return await status(run.run_id)
 
     @app.get("/runs", dependencies=protected)
     async def list_runs() -> list[RunStatus]:
         """Every run in the store, oldest first (this orchestrator's and earlier ones')."""
         docs = await asyncio.to_thread(store.list_runs)
-        return [await status(doc["run_id"]) for doc in docs]
+        return [await status(doc["run_id"], doc) for doc in docs]
 
     @app.get("/runs/{run_id}", dependencies=protected)
     async def get_run(run_id: str) -> RunStatus:

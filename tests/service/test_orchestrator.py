@@ -28,6 +28,7 @@ from services.reward.servicer import build_server as build_reward
 from services.trainer.backend import TrainerBackend
 from services.trainer.config import CriticConfig, PPOConfig
 from shared.modeling import ModelConfig
+from shared.store import open_store
 from shared.types import SamplingParams
 from tests.service.grpc_helpers import running
 
@@ -309,3 +310,47 @@ async def test_api_token_guards_the_runs_but_not_health_or_metrics(clients_facto
             OrchestratorConfig.model_validate({"api": {"token_file": str(empty)}, "run": {"runs_dir": str(tmp_path)}}),
             clients_factory,
         )
+
+
+async def test_a_restarted_orchestrator_resumes_its_run_from_the_embedded_store(clients_factory, dataset, tmp_path):
+    """The orchestrator stops mid-run (its lifespan ends, as on SIGTERM or a crash between writes); a new one on
+    the same SQLite store resumes the run, lists it, and ends it as the same run without a stop would have."""
+    import torch
+
+    run = {"iterations": 5, "run_id": "resumed", "prompts_per_iteration": 4, "sampling": {"max_new_tokens": 4}}
+    config = OrchestratorConfig.model_validate({"run": {"dataset": str(dataset), "runs_dir": str(tmp_path / "runs")}})
+    clients = clients_factory()  # the services outlive the orchestrator: one set of backends for both
+    first = create_app(config, lambda: clients)
+    transport = httpx.ASGITransport(app=first)
+    async with first.router.lifespan_context(first), httpx.AsyncClient(transport=transport, base_url="http://a") as api:
+        assert (await api.post("/runs", json=run)).status_code == 201
+        while (await api.get("/runs/resumed")).json()["iteration"] < 2:
+            await asyncio.sleep(0.02)
+    store = open_store(config.store, config.run.runs_dir)
+    assert store.get_run("resumed")["state"] == "running"  # left active for the next orchestrator
+    store.close()
+
+    second = create_app(config, lambda: clients)
+    transport = httpx.ASGITransport(app=second)
+    async with (
+        second.router.lifespan_context(second),
+        httpx.AsyncClient(transport=transport, base_url="http://a") as api,
+    ):
+        status = await _until_done(api, "resumed")
+        listed = (await api.get("/runs")).json()
+    assert status["state"] == "completed" and status["resumed"] == 1, status["error"]
+    assert [r["policy_version"] for r in status["stats"]] == [1, 2, 3, 4, 5]
+    assert [r["run_id"] for r in listed] == ["resumed"]
+
+    reference = clients_factory()
+    uninterrupted = RunConfig.model_validate({**config.run.model_dump(), **run, "runs_dir": str(tmp_path / "ref")})
+    await RLHFLoop("resumed", uninterrupted, reference).run()
+    ref_records = [json.loads(line) for line in (tmp_path / "ref" / "resumed" / "iterations.jsonl").open()]
+    for key in ("reward_mean", "kl", "policy_loss", "value_loss", "entropy", "example"):
+        assert [r[key] for r in status["stats"]] == [r[key] for r in ref_records], key
+    for (name, a), (_, b) in zip(
+        clients.trainer.backend.policy.named_parameters(),
+        reference.trainer.backend.policy.named_parameters(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
