@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ class Stack:
         self.configs["trainer"]["checkpoint"] = checkpoints
         self.processes: dict[str, ServiceProcess] = {}
         self.api_port = free_port()
+        self._restarts: dict[str, threading.Thread] = {}  # target -> its restart in progress
+        self._errors: list[BaseException] = []
 
     def orchestrator_config(self) -> dict:
         address = {role: f"127.0.0.1:{config['server']['port']}" for role, config in self.configs.items()}
@@ -83,6 +86,30 @@ class Stack:
             "orchestrator", ["orchestrator"], self.orchestrator_config()
         )
         self.processes["orchestrator"].wait_ready(120)
+
+    def kill_and_restart(self, target: str) -> None:
+        """``kill -9`` now; the restart on the same address ``RESTART_AFTER_S`` later, in the background (the run
+        goes on meanwhile, and the next kill need not wait for it)."""
+        if (pending := self._restarts.get(target)) is not None:
+            pending.join()  # killed again before it was back: let it come back first
+        self.kill(target)
+
+        def restart() -> None:
+            time.sleep(RESTART_AFTER_S)
+            try:
+                self.restart(target)
+            except BaseException as exc:  # raised in the harness by wait_restarts()
+                self._errors.append(exc)
+
+        thread = threading.Thread(target=restart, name=f"restart-{target}", daemon=True)
+        self._restarts[target] = thread
+        thread.start()
+
+    def wait_restarts(self) -> None:
+        for thread in list(self._restarts.values()):
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
 
     def kill(self, target: str) -> None:
         if target == "redis":
@@ -143,9 +170,11 @@ def run(
             "seed": seed,
             "record_rollouts": True,
         }
-        # Kill i happens once iteration thresholds[i] is done, plus a random moment of the next iteration.
-        # The last kill comes at least 4 iterations before the end, so that the run cannot end before it.
-        thresholds = sorted(rng.randrange(0, max(1, iterations - 4)) for _ in kills)
+        # Kill k comes at a random moment of the k-th of len(kills) equal stretches of the first half of the run
+        # (once the iteration the moment falls in has started): restarts and outages delay kills, and the second
+        # half leaves room for that, so the run cannot end before the last one.
+        stretch = max(1, iterations // 2) / max(1, len(kills))
+        thresholds = [int(stretch * (k + rng.random())) for k in range(len(kills))]
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=stack.api, timeout=10) as client:
             created = client.post("/runs", json=spec)
@@ -166,16 +195,15 @@ def run(
                         pending.insert(0, (0, target))  # too late for this one; the run is over
                         break
                     log(f"  kill -9 {target} (after iteration {done})")
-                    stack.kill(target)
+                    stack.kill_and_restart(target)
                     done_kills.append((target, done))
-                    time.sleep(RESTART_AFTER_S)
-                    stack.restart(target)
                     continue
                 time.sleep(0.2)
             else:
                 raise AssertionError(f"run not finished after {timeout_s:.0f}s: {status}")
             if pending:
                 raise AssertionError(f"the run finished before kills {[t for _, t in pending]}")
+            stack.wait_restarts()
             final = status
         rollouts = [json.loads(line) for line in (work / "runs" / "chaos" / "rollouts.jsonl").open()]
         checkpoint = sorted((work / "checkpoints").glob("step-*"))[-1]

@@ -18,7 +18,7 @@ from tests import chaos
 
 pytestmark = pytest.mark.e2e
 
-ITERATIONS = 12
+ITERATIONS = 14
 
 
 def test_a_run_survives_each_process_dying_and_loses_nothing(pretrained_tied_policy_dir, tmp_path):
