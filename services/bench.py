@@ -9,6 +9,9 @@ machines are noisy).
    (weights, gradients at their peak, AdamW state; policy and critic) and generation keeps (weights), counted
    after a training step, for full fine-tuning in float32 (the baseline), bf16 mixed precision and LoRA; and the
    weight-sync bytes of a full state against a LoRA adapter.
+4. The reward model as a public API: 64 concurrent clients over REST and over gRPC against the reward service on
+   loopback (a tiny and a larger reward model), against the same model's raw batched forward in this process (the
+   baseline); ``services/loadtest.py``.
 """
 
 from __future__ import annotations
@@ -224,12 +227,32 @@ def bench_memory(policy: Path) -> list[dict]:
     return rows
 
 
+def bench_reward_api(seconds: float) -> None:
+    from services import loadtest
+    from shared.tiny_models import build_reward_model
+
+    raw_seconds = min(10.0, seconds / 4)
+    # The tiny model's forward is mostly Python (it holds the GIL the event loop needs); the larger one's is mostly
+    # matrix products (which release it), as a real model's is.
+    for label, hidden, layers in (("tiny", 64, 2), ("larger", 512, 4)):
+        print(
+            f"\nthe reward API, {label} reward model (hidden {hidden}, {layers} layers): 64 clients x {seconds:.0f} s "
+            f"per transport, 4 pairs per request; raw forward ({raw_seconds:.0f} s before and after each transport) "
+            "at the 256 pairs all clients send"
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            model = build_reward_model(Path(tmp) / "reward", hidden=hidden, layers=layers)
+            results = asyncio.run(loadtest.run(model, clients=64, seconds=seconds, raw_seconds=raw_seconds))
+        loadtest.print_table(results)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--prompts-per-iteration", type=int, default=32)
     parser.add_argument("--codec-repeats", type=int, default=20)
     parser.add_argument("--skip-memory", action="store_true", help="skip the real-model memory figures")
+    parser.add_argument("--reward-api-seconds", type=float, default=60.0, help="per transport; 0 skips the section")
     args = parser.parse_args(argv)
 
     if not args.skip_memory:
@@ -279,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         over = loop["grpc"][phase]
         print(f"{phase:>20} {baseline:>9.3f} s {over:>7.3f} s {over / baseline:>6.2f}x")
     print(f"(reward of the last iteration: in-process {loop['reward_last'][0]:.3f}, gRPC {loop['reward_last'][1]:.3f})")
+    if args.reward_api_seconds:
+        bench_reward_api(args.reward_api_seconds)
     return 0
 
 

@@ -95,7 +95,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from shared.server import serve, start_metrics_server
+    from shared.metrics_http import start_metrics_server
+    from shared.server import serve
 
     role = _role(args.role)
     config = config_from_args(role.config_type, args)
@@ -103,13 +104,15 @@ def _serve(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         server, port = await role.build_server(config, None)
-        metrics_port = start_metrics_server(config.server)
+        metrics_port = start_metrics_server(config.server, server.auth)
         await serve(
             server,
             lambda: role.load_backend(config),
             role.warm_up,
             config.server.grace_seconds,
-            on_ready=lambda _s: _write_ready_file(args.ready_file, {"port": port, "metrics_port": metrics_port}),
+            on_ready=lambda s: _write_ready_file(
+                args.ready_file, {"port": port, "metrics_port": metrics_port, "http_port": s.http_port}
+            ),
         )
 
     asyncio.run(main())

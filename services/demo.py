@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     with Launcher(work) as launcher:
         print(f"starting 4 services + orchestrator (configs and logs in {work})")
         try:
-            services, api = start_stack(launcher, service_configs(policy))
+            services, api = start_stack(launcher, service_configs(policy), root=args.runs_dir)
             for service in services.values():
                 print(f"  {service.name:<12} pid {service.process.pid:<7} gRPC {service.address}")
             print(f"  {'orchestrator':<12} control API {api}")

@@ -7,9 +7,12 @@ with a YAML config and a ready file; ports are chosen by the processes themselve
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,15 +111,58 @@ class Launcher:
         self.stop_all()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def write_tokens(directory: Path, roles) -> dict[str, str]:
+    """A random token per role, each in its own file (mode 0600) under ``directory``: what a Secret per role
+    mounts in Kubernetes. Returns the files by role."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for role in roles:
+        path = directory / role
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_hex(32) + "\n")
+        files[role] = str(path.resolve())
+    return files
+
+
+def secure_configs(launcher: Launcher, service_configs: dict[str, dict]) -> tuple[dict[str, dict], dict]:
+    """The services' configs as a deployment would have them: each service accepts only its own token, the
+    trainer listens on a known port so that generation may pull from it (and from nothing else), and the trainer
+    keeps checkpoints under the work directory. Returns the configs and the orchestrator's ``auth`` section."""
+    tokens = write_tokens(launcher.work_dir / "tokens", service_configs)
+    configs = {role: copy.deepcopy(config) for role, config in service_configs.items()}  # nothing shared
+    for role, config in configs.items():
+        config.setdefault("auth", {}).setdefault("token_file", tokens[role])
+    trainer = configs.get("trainer")
+    if trainer is not None:
+        if not trainer.get("server", {}).get("port"):  # a new dict: the roles' configs may share one
+            trainer["server"] = {**trainer.get("server", {}), "port": free_port()}
+        trainer.setdefault("checkpoint", {}).setdefault("root", str((launcher.work_dir / "checkpoints").resolve()))
+        for config in [configs[r] for r in configs if r == "generation"]:
+            config.setdefault("trainer_addresses", [f"127.0.0.1:{trainer['server']['port']}"])
+            config["auth"].setdefault("peer_token_files", {}).setdefault("trainer", tokens["trainer"])
+    return configs, {"peer_token_files": tokens}
+
+
 def start_stack(
-    launcher: Launcher, service_configs: dict[str, dict], orchestrator: dict | None = None
+    launcher: Launcher, service_configs: dict[str, dict], orchestrator: dict | None = None, root: Path | None = None
 ) -> tuple[dict[str, ServiceProcess], str]:
-    """Starts the four services (configs by role), waits until each serves, then the orchestrator pointed at them.
+    """Starts the four services (configs by role; see ``secure_configs``), waits until each serves, then the
+    orchestrator pointed at them.
 
     Returns the service processes by role and the control API's URL. Unless ``orchestrator`` names a store, runs
-    are kept in an embedded store in the launcher's work directory.
+    are kept in an embedded store in the launcher's work directory. The control API listens on loopback and
+    checks no token unless ``orchestrator`` gives one; the datasets and run directories its requests name must lie
+    under ``root`` (default: the directory above the launcher's work directory).
     """
-    services = {name: launcher.start(name, ["serve", name], cfg) for name, cfg in service_configs.items()}
+    configs, auth = secure_configs(launcher, service_configs)
+    services = {name: launcher.start(name, ["serve", name], cfg) for name, cfg in configs.items()}
     for service in services.values():
         service.wait_ready(180)
     peers = {
@@ -124,7 +170,9 @@ def start_stack(
         **{role: services[role].address for role in ("reward", "reference", "trainer")},
     }
     store = {"url": f"sqlite:///{(launcher.work_dir / 'state.sqlite3').resolve()}"}
-    config = {"peers": peers, "api": {"port": 0}, "store": store, **(orchestrator or {})}
+    root = str(Path(root or launcher.work_dir.parent).resolve())
+    api = {"port": 0, "datasets_root": root, "runs_root": root}
+    config = {"peers": peers, "api": api, "store": store, "auth": auth, **(orchestrator or {})}
     process = launcher.start("orchestrator", ["orchestrator"], config)
     return services, f"http://127.0.0.1:{process.wait_ready(60)['port']}"
 

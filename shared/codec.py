@@ -51,12 +51,19 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return raw.numpy().tobytes()
 
 
+MAX_DIMS = 8
+MAX_DIM_SIZE = 2**31 - 1
+
+
 def tensor_from_bytes(
     data: bytes | bytearray, dtype: torch.dtype, shape: list[int] | tuple[int, ...], field: str
 ) -> torch.Tensor:
     shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise InvalidInput(field, f"negative dimension in shape {list(shape)}")
+    # Bounds that no real tensor here comes near; an empty tensor of absurd dimensions is refused too.
+    if len(shape) > MAX_DIMS or any(s > MAX_DIM_SIZE for s in shape):
+        raise InvalidInput(field, f"shape {list(shape)}: at most {MAX_DIMS} dimensions of at most {MAX_DIM_SIZE}")
     count = 1
     for s in shape:
         count *= s

@@ -44,7 +44,14 @@ def _leaf_paths(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any
 
 def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
     """Adds ``--config FILE`` and one ``--dotted.path VALUE`` flag per leaf field of ``model``."""
-    parser.add_argument("--config", type=Path, default=None, help="YAML config file; flags override it")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        default=None,
+        help="YAML config file; given again, later files are merged over earlier ones (mappings key by key); "
+        "flags override them all",
+    )
     group = parser.add_argument_group(f"{model.__name__} fields (override the file)")
     for path, field in _leaf_paths(model):
         annotation = field.annotation
@@ -70,17 +77,35 @@ def _set_dotted(target: dict, path: str, value: Any) -> None:
     target[leaf] = value
 
 
-def load_config(model: type[C], path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Reads ``path`` (YAML, may be None), applies dotted-path ``overrides`` and validates into ``model``."""
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base``: mappings key by key, anything else replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_config(
+    model: type[C], path: Path | str | list[Path | str] | None = None, overrides: dict[str, Any] | None = None
+) -> C:
+    """Reads ``path`` (YAML; several are merged in order, e.g. a role's config then a TLS add-on; may be None),
+    applies dotted-path ``overrides`` and validates into ``model``."""
+    paths = [Path(p) for p in (path if isinstance(path, list) else [path] if path is not None else [])]
     data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+    for one in paths:
+        data = _merge(data, _read_yaml(one))
+    path = ", ".join(str(p) for p in paths) or None
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     try:

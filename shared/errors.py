@@ -3,6 +3,7 @@
 - ``InvalidInput`` (and any ``ValueError`` from validation) -> INVALID_ARGUMENT, message names the field;
 - ``TooLarge`` -> RESOURCE_EXHAUSTED;
 - ``NotReady`` -> UNAVAILABLE (model still loading, draining);
+- ``Unauthenticated`` (no token, or a wrong one; ``shared.auth``) -> UNAUTHENTICATED;
 - ``Conflict`` -> FAILED_PRECONDITION (e.g. a weight version older than the one served);
 - anything else -> INTERNAL, logged with the method name and traceback. No exception kills the server.
 """
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from prometheus_client import Counter, Histogram
 
+from shared.auth import Unauthenticated
 from shared.logs import METADATA_ITERATION, METADATA_RUN_ID, log_context
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class Conflict(Exception):
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(exc, TooLarge):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, ValueError):
@@ -76,8 +80,45 @@ GRPC_SECONDS = Histogram(
 )
 
 
+class _Undecodable:
+    """Stands in for a request message whose bytes do not parse, so the call can be answered INVALID_ARGUMENT after
+    the token check (grpc itself would answer INTERNAL before any interceptor code runs)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _decoded(request):
+    if isinstance(request, _Undecodable):
+        raise InvalidInput("request", f"the message does not parse: {request.error}")
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator) -> AsyncIterator:
+    async for request in requests:
+        yield _decoded(request)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions to status codes and records the standard server metrics, for every RPC."""
+    """The one interceptor of every server: checks the caller's token (``server_auth``; health is open), answers
+    unparseable messages INVALID_ARGUMENT, maps exceptions to status codes and records the standard server
+    metrics, for every RPC."""
+
+    def __init__(self, server_auth=None):
+        self.server_auth = server_auth  # a shared.auth.ServerAuth; None = no token checked
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -85,25 +126,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return None
         full_method = handler_call_details.method  # "/rlhf.v1.Generation/Generate"
         service, _, method = full_method.lstrip("/").rpartition("/")
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, full_method, ("unary", service, method)),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, full_method, ("client_stream", service, method)),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, full_method, ("server_stream", service, method)),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler  # bidirectional streams: none in this project
+        deserialize = _lenient(handler.request_deserializer)
+        serialize = handler.response_serializer
+        kinds = (
+            (handler.unary_unary, "unary", grpc.unary_unary_rpc_method_handler, _wrap_unary, False),
+            (handler.stream_unary, "client_stream", grpc.stream_unary_rpc_method_handler, _wrap_unary, True),
+            (handler.unary_stream, "server_stream", grpc.unary_stream_rpc_method_handler, _wrap_stream, False),
+            (handler.stream_stream, "bidi_stream", grpc.stream_stream_rpc_method_handler, _wrap_stream, True),
+        )
+        for behavior, kind, make_handler, wrap, streamed in kinds:
+            if behavior:
+                wrapped = wrap(behavior, full_method, (kind, service, method), self.server_auth, streamed)
+                return make_handler(wrapped, deserialize, serialize)
+        return handler
 
 
 async def _handle_error(exc: BaseException, context: grpc.aio.ServicerContext, full_method: str) -> grpc.StatusCode:
@@ -132,12 +167,22 @@ def _log_context(context: grpc.aio.ServicerContext):
     return log_context(metadata.get(METADATA_RUN_ID), metadata.get(METADATA_ITERATION))
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable], full_method: str, labels: tuple[str, str, str]):
+def _admit(request, context, full_method: str, server_auth, streamed: bool):
+    """The request as the handler should see it, once the token is checked: parse failures become InvalidInput."""
+    if server_auth is not None:
+        server_auth.check_grpc(full_method, context.invocation_metadata())
+    return _decoded_stream(request) if streamed else _decoded(request)
+
+
+def _wrap_unary(
+    behavior: Callable[..., Awaitable], full_method: str, labels: tuple[str, str, str], server_auth, streamed: bool
+):
     async def wrapper(request, context):
         GRPC_STARTED.labels(*labels).inc()
         start = time.perf_counter()
         try:
             with _log_context(context):
+                request = _admit(request, context, full_method, server_auth, streamed)
                 return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -151,12 +196,15 @@ def _wrap_unary(behavior: Callable[..., Awaitable], full_method: str, labels: tu
     return wrapper
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator], full_method: str, labels: tuple[str, str, str]):
+def _wrap_stream(
+    behavior: Callable[..., AsyncIterator], full_method: str, labels: tuple[str, str, str], server_auth, streamed: bool
+):
     async def wrapper(request, context):
         GRPC_STARTED.labels(*labels).inc()
         start = time.perf_counter()
         try:
             with _log_context(context):
+                request = _admit(request, context, full_method, server_auth, streamed)
                 async for item in behavior(request, context):
                     yield item
         except grpc.aio.AbortError:

@@ -1,5 +1,6 @@
-"""The bootstrap every service shares: grpc.aio server with the error interceptor, health, reflection, a metrics
-port, message-size limits, and a graceful SIGTERM (health NOT_SERVING, drain, stop with grace).
+"""The bootstrap every service shares: grpc.aio server with the one interceptor (errors, metrics, tokens), TLS,
+health, optional reflection, an optional HTTP app on the same event loop, a metrics port, message-size limits, and a
+graceful SIGTERM (health NOT_SERVING, drain, stop with grace).
 
 Each service provides ``build_server(config, backend) -> (server, port)``; ``serve()`` here runs one to the end.
 """
@@ -11,16 +12,17 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 from pydantic import Field
 
+from shared.auth import AuthConfig, ServerAuth
 from shared.config import StrictModel
 from shared.errors import ErrorInterceptor, NotReady
+from shared.http import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,10 @@ class ServerConfig(StrictModel):
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a container")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; unset = off")
+    http_port: int | None = Field(
+        None, ge=0, le=65535, description="REST port of the service's HTTP API, where it has one; unset = off"
+    )
+    reflection: bool = Field(True, description="serve gRPC server reflection (behind the token like every method)")
     max_message_bytes: int = Field(64 * MiB, ge=1024, description="largest gRPC message accepted or sent")
     grace_seconds: float = Field(10.0, ge=0, description="on SIGTERM, time for in-flight RPCs to finish")
 
@@ -62,6 +68,11 @@ class Server:
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
     servicers: tuple[BackendHolder, ...] = ()
+    config: ServerConfig = field(default_factory=ServerConfig)
+    auth: ServerAuth = field(default_factory=ServerAuth)
+    http_app: object | None = None  # a FastAPI app served on config.http_port (when set) beside gRPC
+    http: HttpServer | None = None
+    http_port: int | None = None  # bound once started
 
     def attach(self, backend) -> None:
         for servicer in self.servicers:
@@ -69,6 +80,9 @@ class Server:
 
     async def start(self) -> None:
         await self.grpc_server.start()
+        if self.http_app is not None and self.config.http_port is not None:
+            self.http = HttpServer(self.http_app, self.config.host, self.config.http_port, self.auth)
+            self.http_port = await self.http.start()
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -77,6 +91,8 @@ class Server:
 
     async def stop(self, grace: float | None) -> None:
         await self.set_serving(False)
+        if self.http is not None:
+            await self.http.stop()
         await self.grpc_server.stop(grace)
         for servicer in self.servicers:
             await servicer.close()
@@ -93,38 +109,36 @@ async def build_grpc_server(
     config: ServerConfig,
     servicers: Iterable[tuple[BackendHolder, Callable[[BackendHolder, grpc.aio.Server], None], str]],
     backend=None,
+    auth: AuthConfig | None = None,
 ) -> Server:
     """Creates the server with ``(servicer, add_XServicer_to_server, full service name)`` triples, health
-    (NOT_SERVING) and reflection, and binds it. ``backend`` may be None and attached later (see ``serve``)."""
+    (NOT_SERVING) and reflection, and binds it (TLS and tokens from ``auth``). ``backend`` may be None and attached
+    later (see ``serve``)."""
     servicers = list(servicers)
     service_names = tuple(name for _, _, name in servicers)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=grpc_options(config.max_message_bytes))
+    server_auth = ServerAuth.load(auth or AuthConfig(), config.host, "gRPC server")
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(server_auth)], options=grpc_options(config.max_message_bytes)
+    )
     for servicer, add_to_server, _ in servicers:
         add_to_server(servicer, server)
         if backend is not None:
             servicer.attach(backend)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if config.reflection:
+        reflection.enable_server_reflection(
+            (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+    address = f"{config.host}:{config.port}"
+    credentials = server_auth.grpc_credentials()
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
-    built = Server(server, port, health_servicer, service_names, tuple(s for s, _, _ in servicers))
+    built = Server(server, port, health_servicer, service_names, tuple(s for s, _, _ in servicers), config, server_auth)
     await built.set_serving(False)
     return built
-
-
-def start_metrics_server(config: ServerConfig) -> int | None:
-    """Serves the process's Prometheus registry on ``metrics_port``; returns the bound port (None when off)."""
-    if config.metrics_port is None:
-        return None
-    httpd, _thread = start_http_server(config.metrics_port, addr=config.host)
-    port = httpd.server_address[1]
-    log.info("metrics on http://%s:%d/metrics", config.host, port)
-    return port
 
 
 async def serve(

@@ -89,7 +89,7 @@ class StoreUnavailable(RuntimeError):
 def check_run_id(run_id: str) -> str:
     """Returns ``run_id`` if it is a valid run id (letters, digits, '.', '_', '-'; 1..128 characters, starting with
     a letter or digit), else raises InvalidInput naming ``run_id``."""
-    if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id):
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
         raise InvalidInput(
             "run_id", f"{run_id!r} is not a valid run id (1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
         )

@@ -51,14 +51,21 @@ class ModelWorker:
 class BatchingQueue:
     """Merges requests that arrive together into one model call of up to ``max_batch`` items.
 
+    Once a request is taken, the queue waits up to ``max_wait_s`` for more to merge with it (0: it merges only
+    what is already queued, which under load is everything that arrived while the previous call ran). A request
+    that would take the merged call past ``max_batch`` waits for the next one; a request larger than ``max_batch``
+    runs on its own, in one call (``process`` does its own micro-batching).
+
     ``process(items) -> results`` must be item-wise (result i belongs to item i), as scoring and log-probs are.
-    A request larger than ``max_batch`` runs on its own, in one call: ``process`` does its own micro-batching.
     """
 
-    def __init__(self, worker: ModelWorker, process: Callable[[list], Sequence], max_batch: int):
+    def __init__(
+        self, worker: ModelWorker, process: Callable[[list], Sequence], max_batch: int, max_wait_s: float = 0.0
+    ):
         self._worker = worker
         self._process = process
         self._max_batch = max_batch
+        self._max_wait_s = max_wait_s
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
 
@@ -70,15 +77,41 @@ class BatchingQueue:
         await self._queue.put((items, future))
         return await future
 
+    async def _next(self, deadline: float) -> tuple[list, asyncio.Future] | None:
+        """The next queued request, waiting until ``deadline`` (loop time) at most; None when none came."""
+        assert self._queue is not None
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        timeout = deadline - asyncio.get_running_loop().time()
+        if timeout <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def _group(self, first: tuple[list, asyncio.Future]) -> tuple[list, tuple | None]:
+        """The requests merged with ``first``, and the one left over for the next call (it did not fit)."""
+        group, count = [first], len(first[0])
+        deadline = asyncio.get_running_loop().time() + self._max_wait_s
+        while count < self._max_batch:
+            entry = await self._next(deadline)
+            if entry is None:
+                return group, None
+            if count + len(entry[0]) > self._max_batch:
+                return group, entry
+            group.append(entry)
+            count += len(entry[0])
+        return group, None
+
     async def _loop(self) -> None:
         assert self._queue is not None
+        left_over = None
         while True:
-            group = [await self._queue.get()]
-            count = len(group[0][0])
-            while not self._queue.empty() and count < self._max_batch:
-                items, future = self._queue.get_nowait()
-                group.append((items, future))
-                count += len(items)
+            group, left_over = await self._group(left_over or await self._queue.get())
+            group = [(items, future) for items, future in group if not future.done()]  # callers that gave up
+            if not group:
+                continue
             merged = [item for items, _ in group for item in items]
             try:
                 results = await self._worker.run(self._process, merged)

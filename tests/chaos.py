@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.demo import service_configs
-from services.launcher import Launcher, ServiceProcess
+from services.launcher import Launcher, ServiceProcess, secure_configs
 from tests.redis_server import RedisServer, free_port
 
 ROLES = ("generation", "reward", "reference", "trainer")
@@ -55,6 +55,7 @@ class Stack:
             config["server"] = {**config["server"], "port": free_port()}
         checkpoints = {"root": str(work / "checkpoints"), "every": checkpoint_every, "keep": 2}
         self.configs["trainer"]["checkpoint"] = checkpoints
+        self.configs, self.auth = secure_configs(self.launcher, self.configs)  # tokens, as deployed
         self.processes: dict[str, ServiceProcess] = {}
         self.api_port = free_port()
         self._restarts: dict[str, threading.Thread] = {}  # target -> its restart in progress
@@ -64,7 +65,8 @@ class Stack:
         address = {role: f"127.0.0.1:{config['server']['port']}" for role, config in self.configs.items()}
         return {
             "peers": {"generation": [address["generation"]], **{r: address[r] for r in ROLES[1:]}},
-            "api": {"port": self.api_port},
+            "api": {"port": self.api_port, "datasets_root": str(self.work), "runs_root": str(self.work)},
+            "auth": self.auth,
             "store": {"url": self.redis.url, "outage_budget_s": 120},
             "rpc": {"outage_budget_s": 180, "initial_backoff_s": 0.2, "max_backoff_s": 1.0, "wait_ready_s": 180},
         }

@@ -21,12 +21,15 @@ import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Callable
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     LogitsProcessor,
     LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -38,6 +41,7 @@ from shared.chat import Conversation, render_prompt_ids
 from shared.errors import InvalidInput, TooLarge
 from shared.lora import adapter_state, config_from_json, load_adapter_state, wrap
 from shared.modeling import load_causal_lm, load_tokenizer
+from shared.sequences import response_logprobs
 from shared.types import FinishReason, Sample, SamplingParams
 from shared.validation import check_batch_size, check_token_rows
 from shared.weights import WeightAssembler, load_unique_state, tied_aliases, unique_state
@@ -95,6 +99,31 @@ class ChosenTokenLogprobs(LogitsProcessor):
         if len(self._chosen) != generated.shape[1]:
             raise RuntimeError(f"recorded {len(self._chosen)} log-probs for {generated.shape[1]} generated tokens")
         return torch.stack(self._chosen, dim=1)
+
+    def latest(self, row: int, token_id: int) -> float:
+        """log softmax(logits / T) of ``token_id`` at the step just sampled, before ``finish``."""
+        return float(self._previous[row, token_id])
+
+
+# on_token(token_id, logprob) -> stop: told of each token as it is sampled; True ends the generation after it.
+OnToken = Callable[[int, float], bool]
+
+
+class TokenCallback(StoppingCriteria):
+    """Hands each new token of a one-sequence batch and its log-prob to ``on_token`` as soon as it is sampled
+    (streaming, stop sequences); ``on_token`` returning True ends the generation after that token.
+
+    A stopping criterion because ``generate`` asks those once per step, right after appending the new token and
+    before the next forward pass; the recorder still holds that step's log-probs then."""
+
+    def __init__(self, recorder: ChosenTokenLogprobs, on_token: OnToken):
+        self.recorder = recorder
+        self.on_token = on_token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        token_id = int(input_ids[0, -1])
+        stop = bool(self.on_token(token_id, self.recorder.latest(0, token_id)))
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def sample_stream_seed(prompt_seed: int, sample_index: int) -> int:
@@ -194,11 +223,11 @@ class GenerationBackend:
                     f"{prompt.numel()} tokens exceeds the limit of {self.config.max_prompt_tokens}",
                 )
 
-    def tokenize(self, texts: list[str]) -> list[torch.Tensor]:
+    def tokenize(self, texts: list[str], add_special_tokens: bool = True, field: str = "prompts") -> list[torch.Tensor]:
         for i, text in enumerate(texts):
             if not text:
-                raise InvalidInput(f"prompts[{i}]", "is empty")
-        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+                raise InvalidInput(f"{field}[{i}]", "is empty")
+        encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         return [torch.tensor(ids, dtype=torch.int64) for ids in encoded]
 
     def tokenize_conversations(self, conversations: list[Conversation]) -> list[torch.Tensor]:
@@ -209,12 +238,18 @@ class GenerationBackend:
             for i, c in enumerate(conversations)
         ]
 
-    def generate(self, prompts: list[torch.Tensor], params: SamplingParams) -> list[Sample]:
+    def generate(
+        self, prompts: list[torch.Tensor], params: SamplingParams, on_token: OnToken | None = None
+    ) -> list[Sample]:
         """Samples ``params.samples_per_prompt`` responses per prompt, prompt-major. Runs on the model thread.
 
         With a seed, sample j of prompt i (0-based within the request) depends only on (seed + i, j), the prompt and
         the weights: splitting a batch into shares seeded seed + offset gives the same samples. Without one, a
-        random 63-bit seed is drawn for the request. Greedy (temperature 0) uses no seed."""
+        random 63-bit seed is drawn for the request. Greedy (temperature 0) uses no seed.
+
+        ``on_token`` (one sample only) is told of each token as it is sampled and may end the generation after it:
+        the sample then ends there, finish reason LENGTH unless that token is EOS (the caller knows why it stopped).
+        It changes no token sampled."""
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         # (prompt index, prompt, seed of the sample's random stream), prompt-major
         expanded = [
@@ -222,12 +257,17 @@ class GenerationBackend:
             for i, p in enumerate(prompts)
             for j in range(params.samples_per_prompt)
         ]
+        if on_token is not None and len(expanded) != 1:
+            raise ValueError(f"on_token follows one sample, not {len(expanded)}")
         samples: list[Sample] = []
         for start in range(0, len(expanded), self.config.micro_batch_size):
-            samples.extend(self._generate_batch(expanded[start : start + self.config.micro_batch_size], params))
+            batch = expanded[start : start + self.config.micro_batch_size]
+            samples.extend(self._generate_batch(batch, params, on_token))
         return samples
 
-    def _generate_batch(self, items: list[tuple[int, torch.Tensor, int]], params: SamplingParams) -> list[Sample]:
+    def _generate_batch(
+        self, items: list[tuple[int, torch.Tensor, int]], params: SamplingParams, on_token: OnToken | None = None
+    ) -> list[Sample]:
         width = max(int(p.numel()) for _, p, _ in items)
         input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.int64)
         attention_mask = torch.zeros((len(items), width), dtype=torch.int64)
@@ -249,11 +289,13 @@ class GenerationBackend:
         if params.temperature > 0:
             seeds = [stream_seed for _, _, stream_seed in items]
             processors.append(SeededSampler(seeds, params.temperature, params.top_k, params.top_p))
+        stopping = [TokenCallback(recorder, on_token)] if on_token is not None else []
         sequences = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=generation_config,
             logits_processor=processors,
+            stopping_criteria=StoppingCriteriaList(stopping),
             use_model_defaults=False,
         )
         generated = sequences[:, width:]  # (B, N)
@@ -281,6 +323,13 @@ class GenerationBackend:
                 )
             )
         return samples
+
+    def prefill_logprobs(self, prompt: torch.Tensor) -> torch.Tensor:
+        """(P - 1,) float32: log softmax(logits)[prompt_t] of each prompt token after the first, given the ones
+        before it (temperature 1), computed as the reference service does. Runs on the model thread."""
+        if prompt.numel() < 2:
+            return torch.empty(0, dtype=torch.float32)
+        return response_logprobs(self.model, [prompt[:1]], [prompt[1:]], self.pad_token_id, 1)[0]
 
     # -- weights --------------------------------------------------------------------------------------------------
 

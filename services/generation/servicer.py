@@ -10,11 +10,13 @@ import grpc
 import torch
 
 from services.generation import metrics as generation_metrics
-from services.generation.backend import GenerationBackend
+from services.generation.backend import GenerationBackend, OnToken
 from services.generation.config import GenerationConfig
+from services.generation.tgi import tgi_app
 from shared import codec, metrics
+from shared.auth import ClientAuth
 from shared.convert import conversations_from_pb
-from shared.errors import Conflict, InvalidInput
+from shared.errors import Conflict, InvalidInput, NotReady
 from shared.proto.rlhf.v1 import (
     generation_pb2,
     generation_pb2_grpc,
@@ -72,11 +74,23 @@ async def _as_asked(chunks: AsyncIterator[weights_pb2.WeightChunk], min_version:
         yield chunk
 
 
+def _trainer_error(address: str, err: grpc.aio.AioRpcError) -> Exception:
+    """What the caller of PullWeights is told when the trainer failed it: down or slow is UNAVAILABLE (try again),
+    a refused token is this service's configuration (FAILED_PRECONDITION), not the caller's."""
+    detail = f"trainer {address}: {err.code().name}: {err.details()}"
+    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return NotReady(detail)
+    if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return Conflict(f"{detail} (check this service's auth.peer_token_files.trainer and TLS)")
+    return Conflict(detail)
+
+
 class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
     def __init__(self, config: GenerationConfig):
         self.config = config
         self.worker = ModelWorker("generation")
         self._update_lock = asyncio.Lock()  # one weight update at a time
+        self.client_auth = ClientAuth.load(config.auth)  # token and TLS for the trainer PullWeights dials
         metrics.register_role("generation", holds_weights=True)
 
     def attach(self, backend: GenerationBackend) -> None:
@@ -117,15 +131,28 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
                 pass
             raise
 
+    def _trainer_address(self, asked: str) -> str:
+        """The configured trainer to pull from: a caller cannot make this service dial an address of its choice."""
+        allowed = self.config.trainer_addresses
+        if not allowed:
+            raise InvalidInput("trainer_address", "this service has no trainer_addresses configured to pull from")
+        if not asked:
+            return allowed[0]
+        if asked not in allowed:
+            raise InvalidInput("trainer_address", f"{asked!r} is not one of the configured trainer_addresses")
+        return asked
+
     async def PullWeights(self, request: generation_pb2.PullWeightsRequest, context: grpc.aio.ServicerContext):
-        if not request.trainer_address:
-            raise InvalidInput("trainer_address", "is empty")
+        address = self._trainer_address(request.trainer_address)
         options = grpc_options(self.config.server.max_message_bytes)
-        async with grpc.aio.insecure_channel(request.trainer_address, options=options) as channel:
+        async with self.client_auth.open_channel(address, "trainer", options) as channel:
             stub = trainer_pb2_grpc.TrainerStub(channel)
             chunk_bytes = max(1024, self.config.server.max_message_bytes // 2)
             stream = stub.StreamWeights(trainer_pb2.StreamWeightsRequest(chunk_bytes=chunk_bytes))
-            return await self._apply(_as_asked(stream, request.min_version, request.epoch))
+            try:
+                return await self._apply(_as_asked(stream, request.min_version, request.epoch))
+            except grpc.aio.AioRpcError as err:
+                raise _trainer_error(address, err) from None
 
     async def _apply(self, chunks: AsyncIterator[weights_pb2.WeightChunk]) -> weights_pb2.WeightUpdateResult:
         backend: GenerationBackend = self.backend
@@ -163,6 +190,22 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
             adapter_config=backend.adapter_config,
         )
 
+    async def generate_one(
+        self, prompt: torch.Tensor, params: SamplingParams, on_token: OnToken, prefill: bool = False
+    ) -> tuple[Sample, torch.Tensor | None]:
+        """One sample for the TGI-compatible REST API (``services.generation.tgi``, which validated the request), on
+        the model thread as Generate runs, told token by token to ``on_token``; with ``prefill``, also the prompt
+        tokens' log-probs (``backend.prefill_logprobs``) under the same weights."""
+        backend: GenerationBackend = self.backend
+
+        def run() -> tuple[Sample, torch.Tensor | None]:
+            start = time.perf_counter()
+            samples = backend.generate([prompt], params, on_token)
+            generation_metrics.observe_generate(samples, time.perf_counter() - start)
+            return samples[0], backend.prefill_logprobs(prompt) if prefill else None
+
+        return await self.worker.run(run)
+
 
 async def build_server(config: GenerationConfig, backend: GenerationBackend | None) -> tuple[Server, int]:
     """Binds the generation service (health NOT_SERVING); ``backend`` None means attach it later."""
@@ -171,7 +214,9 @@ async def build_server(config: GenerationConfig, backend: GenerationBackend | No
         config.server,
         [(servicer, generation_pb2_grpc.add_GenerationServicer_to_server, SERVICE_NAME)],
         backend,
+        auth=config.auth,
     )
+    server.http_app = tgi_app(servicer, server.auth)  # TGI's REST protocol, served when server.http_port is set
     return server, server.port
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Response
+from fastapi import FastAPI, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from pydantic import BaseModel
 
@@ -28,9 +27,12 @@ from services.orchestrator.dataset import DatasetError, load_prompts
 from services.orchestrator.loop import IterationRecord, RLHFLoop
 from services.orchestrator.metrics import waiting_for
 from services.orchestrator.runs import ACTIVE, RunDocument, RunState
-from shared.config import ConfigError
+from shared.auth import ClientAuth, ServerAuth, uvicorn_tls_options
 from shared.errors import InvalidInput
-from shared.store import Store, check_run_id, open_store
+from shared.http import install_error_handlers
+from shared.http import protected as protected_routes
+from shared.paths import confine
+from shared.store import RUN_ID_PATTERN, Store, check_run_id, open_store
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +94,20 @@ def run_status(doc: dict, records: list[dict]) -> RunStatus:
     )
 
 
-def _read_token(path: str) -> str | None:
-    if not path:
-        return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"api.token_file: cannot read {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError(f"api.token_file: {path} is empty")
-    return token
+def confine_request(given: dict, config: OrchestratorConfig) -> dict:
+    """A POST /runs body with its paths resolved under the configured roots: ``dataset`` under
+    ``api.datasets_root``, ``runs_dir`` under ``api.runs_root`` (relative, no ``..``, no way out by a link)."""
+    roots = {
+        "dataset": config.api.datasets_root or str(Path(config.run.dataset).parent if config.run.dataset else "."),
+        "runs_dir": config.api.runs_root or config.run.runs_dir,
+    }
+    confined = dict(given)
+    for name, root in roots.items():
+        if name in given:
+            confined[name] = str(confine(root, given[name], name))
+    if given.get("run_id"):
+        check_run_id(given["run_id"])
+    return confined
 
 
 def new_run_id() -> str:
@@ -123,7 +129,7 @@ def create_app(
     runs: dict[str, Run] = {}  # the runs this process drives
 
     def factory() -> Clients:
-        return clients_factory() if clients_factory else grpc_clients(config.peers, config.rpc)
+        return clients_factory() if clients_factory else grpc_clients(config.peers, config.rpc, client_auth)
 
     async def resume_active() -> None:
         for doc in await asyncio.to_thread(store.list_runs):
@@ -155,23 +161,18 @@ def create_app(
                     await run.task
         await asyncio.to_thread(store.close)
 
-    token = _read_token(config.api.token_file)
-
-    async def require_token(authorization: str | None = Header(default=None)) -> None:
-        if token is None:
-            return
-        scheme, _, presented = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
-
-    protected = [Depends(require_token)]
+    server_auth = ServerAuth.load(config.auth, config.api.host, "control API")
+    client_auth = ClientAuth.load(config.auth)
+    protected = protected_routes(server_auth)
     app = FastAPI(title="RLHF orchestrator", version="1", lifespan=lifespan)
+    app.state.server_auth = server_auth
+    install_error_handlers(app)  # the project's exceptions as 4xx, like the other HTTP apps
 
     async def drive(run: Run, stop: bool = False) -> None:
         clients = None
         try:
             if clients_factory is None:
-                await wait_until_serving(config.peers, config.rpc.wait_ready_s)
+                await wait_until_serving(config.peers, config.rpc.wait_ready_s, client_auth)
             clients = factory()
             run.loop = RLHFLoop(
                 run.run_id,
@@ -225,6 +226,8 @@ def create_app(
         store's."""
         if run_id in runs:
             doc = runs[run_id].document.doc
+        elif not RUN_ID_PATTERN.fullmatch(run_id):
+            raise HTTPException(404, f"no run {run_id!r} (not a valid run id)")
         elif doc is None:
             doc = await asyncio.to_thread(store.get_run, run_id)
         if doc is None:
@@ -243,6 +246,10 @@ def create_app(
     async def create_run(run_config: RunConfig | None = None) -> RunStatus:
         """Starts a run; the body is a RunConfig (fields left out take the orchestrator's config values)."""
         given = run_config.model_dump(exclude_unset=True) if run_config else {}
+        try:
+            given = confine_request(given, config)
+        except InvalidInput as exc:
+            raise HTTPException(422, str(exc)) from None
         run = await start(RunConfig.model_validate({**config.run.model_dump(), **given}))
         return await status(run.run_id)
 
@@ -268,7 +275,7 @@ def create_app(
             await run.set_state(RunState.STOPPING)
         return await status(run_id)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=protected if server_auth.metrics_require_token else [])
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -300,7 +307,8 @@ def run_orchestrator(args) -> None:
         )
 
     app = create_app(config, on_iteration=progress)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.api.host, port=config.api.port, log_level="warning"))
+    tls = uvicorn_tls_options(config.auth.tls)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.api.host, port=config.api.port, log_level="warning", **tls))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -315,7 +323,7 @@ def run_orchestrator(args) -> None:
                 return
             await asyncio.sleep(0.05)
         port = server.servers[0].sockets[0].getsockname()[1]
-        log.info("control API on http://%s:%d", config.api.host, port)
+        log.info("control API on %s://%s:%d", "https" if tls else "http", config.api.host, port)
         if args.start:  # unless that run is in the store already (resumed, or finished)
             known = config.run.run_id and await asyncio.to_thread(app.state.store.get_run, config.run.run_id)
             if known:

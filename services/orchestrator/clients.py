@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from services.orchestrator.config import DiscoveryMode, PeersConfig, RpcConfig
 from services.orchestrator.dataset import Prompt
 from services.orchestrator.metrics import GENERATION_RESHARES, RPC_FAILURES, RPC_RETRIES, WAITING, waiting
 from services.orchestrator.replicas import Replica, ReplicaPool, replica_source, same_weights
+from shared.auth import ClientAuth
 from shared.convert import conversations_to_pb, train_stats_from_pb
 from shared.logs import context_metadata
 from shared.proto.rlhf.v1 import (
@@ -130,7 +130,8 @@ class TrainerClient(Protocol):
         ``StepConflict`` when it does not follow the trainer's state."""
 
     async def get_state(self) -> TrainerPosition: ...
-    async def save_checkpoint(self, directory: str) -> int: ...
+    async def save_checkpoint(self, name: str) -> str:
+        """Saves the trainer's state as ``name`` under its checkpoint root; returns the directory written."""
 
 
 @dataclass
@@ -200,23 +201,13 @@ class Retrying:
                     delay = min(delay * 2, self.config.max_backoff_s)
 
 
-def _channel(address: str, peers: PeersConfig) -> grpc.aio.Channel:
+def _channel(address: str, peers: PeersConfig, role: str, auth: ClientAuth | None) -> grpc.aio.Channel:
+    """A channel to ``role``'s service: its token on every call, TLS when configured (``shared.auth``)."""
     options = [
         ("grpc.max_send_message_length", peers.max_message_bytes),
         ("grpc.max_receive_message_length", peers.max_message_bytes),
     ]
-    return grpc.aio.insecure_channel(address, options=options)
-
-
-def _floats(tensor: tensor_pb2.Tensor) -> list[float]:
-    """float32 scores from packed little-endian bytes, without torch."""
-    if tensor.dtype != tensor_pb2.DTYPE_FLOAT32:
-        raise ValueError(f"expected float32 scores, got {tensor_pb2.DType.Name(tensor.dtype)}")
-    values = array.array("f")
-    values.frombytes(tensor.data)
-    if sys.byteorder != "little":  # pragma: no cover
-        values.byteswap()
-    return values.tolist()
+    return (auth or ClientAuth()).open_channel(address, role, options)
 
 
 def _row_lengths(ragged: tensor_pb2.RaggedTensor) -> list[int]:
@@ -236,14 +227,15 @@ class GrpcGeneration:
     # A call that fails with one of these says the replica is down, gone or stuck, not that the request is bad.
     REPLICA_FAULTS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
-    def __init__(self, peers: PeersConfig, rpc: RpcConfig):
+    def __init__(self, peers: PeersConfig, rpc: RpcConfig, auth: ClientAuth | None = None):
         self.peers = peers
         self.rpc = rpc
+        self.auth = auth
         self.pool = ReplicaPool(
             replica_source(peers, rpc),
-            lambda address: _channel(address, peers),
+            lambda address: _channel(address, peers, "generation", auth),
             rpc,
-            peers.trainer,
+            "",  # replicas pull from the trainer their own config names (generation's trainer_addresses)
         )
 
     async def _initial_weights(self) -> tuple[int, int]:
@@ -251,7 +243,7 @@ class GrpcGeneration:
         trainer, sampling only, takes the newest weights a replica serves)."""
         if not self.peers.trainer:
             return await self.pool.newest_version(self.rpc.wait_ready_s)
-        async with _channel(self.peers.trainer, self.peers) as channel:
+        async with _channel(self.peers.trainer, self.peers, "trainer", self.auth) as channel:
             stub = trainer_pb2_grpc.TrainerStub(channel)
             state = await Retrying(self.rpc, "trainer")(
                 "GetState",
@@ -437,9 +429,9 @@ def _merge_generate_replies(
 
 
 class GrpcReward:
-    def __init__(self, peers: PeersConfig, rpc: RpcConfig):
+    def __init__(self, peers: PeersConfig, rpc: RpcConfig, auth: ClientAuth | None = None):
         self.rpc = rpc
-        self.channel = _channel(peers.reward, peers)
+        self.channel = _channel(peers.reward, peers, "reward", auth)
         self.stub = reward_pb2_grpc.RewardStub(self.channel)
         self.retry = Retrying(rpc, "reward")
 
@@ -455,13 +447,13 @@ class GrpcReward:
             lambda t: self.stub.Score(request, timeout=t, metadata=context_metadata()),
             self.rpc.score_timeout_s,
         )
-        return _floats(reply.scores)
+        return list(reply.scores)
 
 
 class GrpcReference:
-    def __init__(self, peers: PeersConfig, rpc: RpcConfig):
+    def __init__(self, peers: PeersConfig, rpc: RpcConfig, auth: ClientAuth | None = None):
         self.rpc = rpc
-        self.channel = _channel(peers.reference, peers)
+        self.channel = _channel(peers.reference, peers, "reference", auth)
         self.stub = reference_pb2_grpc.ReferenceStub(self.channel)
         self.retry = Retrying(rpc, "reference")
 
@@ -479,9 +471,9 @@ class GrpcReference:
 
 
 class GrpcTrainer:
-    def __init__(self, peers: PeersConfig, rpc: RpcConfig):
+    def __init__(self, peers: PeersConfig, rpc: RpcConfig, auth: ClientAuth | None = None):
         self.rpc = rpc
-        self.channel = _channel(peers.trainer, peers)
+        self.channel = _channel(peers.trainer, peers, "trainer", auth)
         self.stub = trainer_pb2_grpc.TrainerStub(self.channel)
         # TrainStep taking the request already serialized (as stored): no parse and re-serialize per send.
         self._train_step_bytes = self.channel.unary_unary(
@@ -546,17 +538,17 @@ class GrpcTrainer:
             checkpoint_iteration=state.checkpoint_iteration,
         )
 
-    async def save_checkpoint(self, directory: str) -> int:
-        request = trainer_pb2.CheckpointRequest(directory=directory)
+    async def save_checkpoint(self, name: str) -> str:
+        request = trainer_pb2.CheckpointRequest(name=name)
         reply = await self.retry(
             "SaveCheckpoint",
             lambda t: self.stub.SaveCheckpoint(request, timeout=t, metadata=context_metadata()),
             self.rpc.train_timeout_s,
         )
-        return reply.policy_version
+        return reply.directory
 
 
-async def wait_until_serving(peers: PeersConfig, timeout: float) -> None:
+async def wait_until_serving(peers: PeersConfig, timeout: float, auth: ClientAuth | None = None) -> None:
     """Polls each peer's grpc.health.v1 until it reports SERVING (or raises TimeoutError naming the laggards)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -567,7 +559,7 @@ async def wait_until_serving(peers: PeersConfig, timeout: float) -> None:
     pending = set(addresses)
     while pending:
         for address in list(pending):
-            async with _channel(address, peers) as channel:
+            async with _channel(address, peers, "health", auth) as channel:  # health needs TLS, no token
                 try:
                     reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -580,10 +572,14 @@ async def wait_until_serving(peers: PeersConfig, timeout: float) -> None:
             await asyncio.sleep(0.5)
 
 
-def grpc_clients(peers: PeersConfig, rpc: RpcConfig) -> Clients:
+def grpc_clients(peers: PeersConfig, rpc: RpcConfig, auth: ClientAuth | None = None) -> Clients:
     peers.require_addresses()
-    generation = GrpcGeneration(peers, rpc)
-    reward, reference, trainer = GrpcReward(peers, rpc), GrpcReference(peers, rpc), GrpcTrainer(peers, rpc)
+    generation = GrpcGeneration(peers, rpc, auth)
+    reward, reference, trainer = (
+        GrpcReward(peers, rpc, auth),
+        GrpcReference(peers, rpc, auth),
+        GrpcTrainer(peers, rpc, auth),
+    )
 
     async def close() -> None:
         await generation.close()

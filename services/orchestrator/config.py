@@ -6,6 +6,7 @@ import enum
 
 from pydantic import Field, field_validator, model_validator
 
+from shared.auth import AuthConfig
 from shared.config import ConfigError, StrictModel
 from shared.store import StoreConfig
 
@@ -110,16 +111,25 @@ class RunConfig(StrictModel):
 
 
 class ApiConfig(StrictModel):
+    """The control API. Its token is ``auth.token_file``; paths a request names are confined under the roots."""
+
     host: str = Field("127.0.0.1", description="control API address")
     port: int = Field(8080, ge=0, le=65535, description="control API port (0 = a free one)")
-    token_file: str = Field(
+    datasets_root: str = Field(
         "",
-        description="file holding the API token (e.g. a mounted Secret); when set, every endpoint but /healthz "
-        "and /metrics requires 'Authorization: Bearer <token>'",
+        description="a POST /runs body's dataset is a relative path under this directory; "
+        "empty = the directory of run.dataset (the current directory when that is unset)",
+    )
+    runs_root: str = Field(
+        "", description="a POST /runs body's runs_dir is a relative path under this directory; empty = run.runs_dir"
     )
 
 
 class OrchestratorConfig(StrictModel):
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig,
+        description="token_file: the control API's tokens; peer_token_files: the token for each service; tls",
+    )
     peers: PeersConfig = Field(default_factory=PeersConfig)
     rpc: RpcConfig = Field(default_factory=RpcConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)

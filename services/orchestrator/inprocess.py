@@ -25,6 +25,7 @@ from services.reward.backend import RewardBackend
 from services.trainer.backend import TrainerBackend
 from services.trainer.servicer import rollout_from_pb, rollout_to_pb
 from shared.errors import Conflict
+from shared.paths import confine
 from shared.proto.rlhf.v1 import trainer_pb2
 from shared.types import RolloutBatch, Sample, SamplingParams
 from shared.weights import chunk_weights
@@ -107,8 +108,9 @@ class InProcessReference:
 
 
 class InProcessTrainer:
-    def __init__(self, backend: TrainerBackend):
+    def __init__(self, backend: TrainerBackend, checkpoint_root: str | None = None):
         self.backend = backend
+        self.checkpoint_root = checkpoint_root  # where save_checkpoint(name) writes (None = it cannot)
         self.worker = ModelWorker("trainer")
 
     def prepare_step(
@@ -146,19 +148,24 @@ class InProcessTrainer:
         run_id, iteration = self.backend.ledger.position()
         return TrainerPosition(self.backend.epoch, self.backend.version, run_id, iteration)
 
-    async def save_checkpoint(self, directory: str) -> int:
-        from pathlib import Path
-
-        await self.worker.run(self.backend.save_checkpoint, Path(directory))
-        return self.backend.version
+    async def save_checkpoint(self, name: str) -> str:
+        if self.checkpoint_root is None:
+            raise ValueError("checkpoint_at_end: this in-process trainer has no checkpoint root")
+        directory = confine(self.checkpoint_root, name, "name")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        return str(await self.worker.run(self.backend.save_checkpoint, directory))
 
 
 def inprocess_clients(
-    generation: GenerationBackend, reward: RewardBackend, reference: ReferenceBackend, trainer: TrainerBackend
+    generation: GenerationBackend,
+    reward: RewardBackend,
+    reference: ReferenceBackend,
+    trainer: TrainerBackend,
+    checkpoint_root: str | None = None,
 ) -> Clients:
     return Clients(
         InProcessGeneration(generation, trainer),
         InProcessReward(reward),
         InProcessReference(reference),
-        InProcessTrainer(trainer),
+        InProcessTrainer(trainer, checkpoint_root),
     )

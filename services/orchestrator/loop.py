@@ -161,9 +161,11 @@ class RLHFLoop:
                 handle.write(json.dumps(asdict(record)) + "\n")
             if self.on_iteration is not None:
                 self.on_iteration(record)
-        if self.config.checkpoint_at_end and self.records:
-            await self.clients.trainer.save_checkpoint(str((self.run_dir / "checkpoint").resolve()))
+        final_checkpoint = None
+        if self.config.checkpoint_at_end and self.records:  # under the trainer's checkpoint root
+            final_checkpoint = await self.clients.trainer.save_checkpoint(f"runs/{self.run_id}")
         summary = self.summary(time.perf_counter() - start)
+        summary["checkpoint"] = final_checkpoint
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, self.run_dir / "summary.json")

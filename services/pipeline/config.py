@@ -3,9 +3,13 @@ laptop CPU in a few minutes."""
 
 from __future__ import annotations
 
-from pydantic import Field
+import enum
 
+from pydantic import Field, model_validator
+
+from shared.auth import AuthConfig
 from shared.config import StrictModel
+from shared.tgi import TgiConfig
 from shared.training import OptimConfig
 
 
@@ -27,6 +31,11 @@ class SFTStage(StrictModel):
     )
 
 
+class CandidateSource(enum.StrEnum):
+    GENERATION = "generation"  # a generation service the pipeline starts on the SFT model
+    TGI = "tgi"  # a running TGI server (tgi.url), e.g. one serving the SFT model or a stronger one
+
+
 class PreferenceStage(StrictModel):
     prompts: int = Field(600, ge=10, description="training prompts to sample candidates for")
     samples_per_prompt: int = Field(4, ge=2, description="candidates per prompt; every pair of them is labelled")
@@ -35,6 +44,18 @@ class PreferenceStage(StrictModel):
     labeler_temperature: float = Field(
         1.0, gt=0, description="simulated labeler noise: P(a) = sigmoid((gold_a - gold_b) / T)"
     )
+    source: CandidateSource = Field(CandidateSource.GENERATION, description="where candidates are sampled")
+    tgi: TgiConfig = Field(default_factory=TgiConfig, description="the TGI server, when source is tgi")
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig,
+        description="peer_token_files[tgi.token_role]: the token presented to the TGI server",
+    )
+
+    @model_validator(mode="after")
+    def _tgi_url(self):
+        if self.source is CandidateSource.TGI and not self.tgi.url:
+            raise ValueError("tgi.url: required when source is tgi")
+        return self
 
 
 class RewardModelStage(StrictModel):

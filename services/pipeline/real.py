@@ -226,10 +226,12 @@ class RealPipeline:
             background = None
             if stage.without_kl:  # started first and followed quietly; the run with the penalty is shown
                 launcher = stack.enter_context(Launcher(self.root / "processes" / "ppo_no_kl"))
-                _, api = start_stack(launcher, self.services(policy, critic, reward_model, with_kl=False))
+                _, api = start_stack(
+                    launcher, self.services(policy, critic, reward_model, with_kl=False), root=self.root
+                )
                 background = (api, start_run(api, request("ppo_no_kl")))
             launcher = stack.enter_context(Launcher(self.root / "processes" / "ppo"))
-            _, api = start_stack(launcher, self.services(policy, critic, reward_model, with_kl=True))
+            _, api = start_stack(launcher, self.services(policy, critic, reward_model, with_kl=True), root=self.root)
             statuses["ppo"] = follow_run(api, request("ppo"))
             if background is not None:
                 print("waiting for ppo_no_kl (beta = 0), which ran alongside", flush=True)
@@ -242,7 +244,7 @@ class RealPipeline:
                 f"{name}: proxy reward {summary['reward_mean_first']:.3f} -> {summary['reward_mean_last']:.3f}, "
                 f"KL last {summary['kl_last']:.2f} nats/seq, {summary['seconds_per_iteration']:.1f} s per iteration"
             )
-        return {name: self.root / name / "checkpoint" / "policy" for name in statuses}
+        return {name: Path(status["summary"]["checkpoint"]) / "policy" for name, status in statuses.items()}
 
     def summary(self, evaluations) -> dict:
         definitions = {

@@ -9,6 +9,7 @@ services and the orchestrator (and, if asked, once more without the KL penalty) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -16,14 +17,16 @@ from pathlib import Path
 
 from services.labeling.labelers import Comparison, SimulatedLabeler, preference_rows
 from services.launcher import Launcher, follow_run, start_stack
-from services.orchestrator.clients import GrpcGeneration
+from services.orchestrator.clients import GenerationClient, GrpcGeneration
 from services.orchestrator.config import PeersConfig, RpcConfig
 from services.pipeline import common, report, task
-from services.pipeline.config import PipelineConfig
+from services.pipeline.config import CandidateSource, PipelineConfig
 from services.pipeline.evaluate import evaluate_policies
+from services.pipeline.tgi import TgiGeneration
 from services.training.dpo import DPOJobConfig, run_dpo
 from services.training.reward import RewardJobConfig, run_reward
 from services.training.sft import SFTJobConfig, run_sft
+from shared.auth import ClientAuth
 from shared.tiny_models import build_policy, pretrain
 from shared.types import SamplingParams
 
@@ -135,30 +138,7 @@ class Pipeline:
     def collect_preferences(self, sft: Path, train_prompts: list[str]) -> Path:
         stage = self.config.preferences
         prompts = train_prompts[: stage.prompts]
-        with Launcher(self.root / "processes" / "preferences") as launcher:
-            generation = launcher.start(
-                "generation", ["serve", "generation"], {"server": {"port": 0}, "model": self.model(sft)}
-            )
-            generation.wait_ready(180)
-
-            async def sample():
-                # Channels belong to the event loop they are made in: create the client inside it.
-                client = GrpcGeneration(PeersConfig(generation=[generation.address]), RpcConfig())
-                try:
-                    texts = []
-                    for start in range(0, len(prompts), 128):  # requests under the service's batch limit
-                        params = SamplingParams(
-                            max_new_tokens=stage.max_new_tokens,
-                            temperature=stage.temperature,
-                            seed=self.config.seed + start,
-                            samples_per_prompt=stage.samples_per_prompt,
-                        )
-                        texts.extend((await client.generate(prompts[start : start + 128], params)).texts)
-                    return texts
-                finally:
-                    await client.close()
-
-            texts_all = asyncio.run(sample())
+        texts_all = self.sample_candidates(sft, prompts)
         k = stage.samples_per_prompt
         labeler = SimulatedLabeler(task.gold_reward, seed=self.config.seed, temperature=stage.labeler_temperature)
         comparisons = []
@@ -188,6 +168,44 @@ class Pipeline:
         )
         return common.write_jsonl(self.root / "data" / "preferences.jsonl", rows)
 
+    def sample_candidates(self, sft: Path, prompts: list[str]) -> list[str]:
+        """``samples_per_prompt`` candidates per prompt, prompt-major: from a generation service started on the SFT
+        model, or from the TGI server of ``preferences.tgi``."""
+        stage = self.config.preferences
+        with contextlib.ExitStack() as stack:
+            if stage.source is CandidateSource.TGI:
+
+                def client() -> GenerationClient:
+                    return TgiGeneration(stage.tgi, ClientAuth.load(stage.auth))
+            else:
+                launcher = stack.enter_context(Launcher(self.root / "processes" / "preferences"))
+                generation = launcher.start(
+                    "generation", ["serve", "generation"], {"server": {"port": 0}, "model": self.model(sft)}
+                )
+                generation.wait_ready(180)
+
+                def client() -> GenerationClient:
+                    return GrpcGeneration(PeersConfig(generation=[generation.address]), RpcConfig())
+
+            async def sample():
+                # Channels belong to the event loop they are made in: create the client inside it.
+                generation_client = client()
+                try:
+                    texts = []
+                    for start in range(0, len(prompts), 128):  # requests under the service's batch limit
+                        params = SamplingParams(
+                            max_new_tokens=stage.max_new_tokens,
+                            temperature=stage.temperature,
+                            seed=self.config.seed + start,
+                            samples_per_prompt=stage.samples_per_prompt,
+                        )
+                        texts.extend((await generation_client.generate(prompts[start : start + 128], params)).texts)
+                    return texts
+                finally:
+                    await generation_client.close()
+
+            return asyncio.run(sample())
+
     def ppo(self, sft: Path, reward_model: Path, train_prompts: list[str], name: str, with_kl: bool) -> Path:
         stage = self.config.ppo
         ppo = json.loads(json.dumps(stage.ppo))
@@ -208,7 +226,7 @@ class Pipeline:
         }
         dataset = common.write_jsonl(self.root / "data" / "ppo_prompts.jsonl", [{"prompt": p} for p in train_prompts])
         with Launcher(self.root / "processes" / name) as launcher:
-            _, api = start_stack(launcher, services)
+            _, api = start_stack(launcher, services, root=self.root)
             status = follow_run(
                 api,
                 {
@@ -226,7 +244,7 @@ class Pipeline:
         if status["state"] != "completed":
             raise RuntimeError(f"PPO run {name} ended {status['state']}: {status.get('error')}")
         self.results[name] = status["summary"]
-        return self.root / name / "checkpoint" / "policy"
+        return Path(status["summary"]["checkpoint"]) / "policy"
 
     def summary(self, evaluations) -> dict:
         task_text = "sentence continuation scored by a hidden gold reward (services/pipeline/task.py)"

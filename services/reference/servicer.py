@@ -8,7 +8,8 @@ import grpc
 import torch
 
 from services.reference.backend import ReferenceBackend
-from services.reference.config import ReferenceConfig
+from services.reference.config import ReferenceBackendKind, ReferenceConfig
+from services.reference.tgi import TgiReferenceBackend
 from shared import codec, metrics
 from shared.proto.rlhf.v1 import reference_pb2, reference_pb2_grpc
 from shared.server import BackendHolder, Role, Server, build_grpc_server
@@ -25,7 +26,7 @@ class ReferenceServicer(BackendHolder, reference_pb2_grpc.ReferenceServicer):
 
     def attach(self, backend: ReferenceBackend) -> None:
         super().attach(backend)
-        metrics.track_device_memory("reference", backend.model.device)
+        metrics.track_device_memory("reference", backend.device)
 
     def _logprobs(self, items: list[tuple[torch.Tensor, torch.Tensor, float]]) -> list[torch.Tensor]:
         """One merged model call on the model thread (one per temperature among the merged requests), timed and
@@ -61,8 +62,14 @@ async def build_server(config: ReferenceConfig, backend: ReferenceBackend | None
         config.server,
         [(servicer, reference_pb2_grpc.add_ReferenceServicer_to_server, SERVICE_NAME)],
         backend,
+        auth=config.auth,
     )
     return server, server.port
 
 
-ROLE = Role("reference", ReferenceConfig, build_server, ReferenceBackend, ReferenceBackend.warm_up)
+def load_backend(config: ReferenceConfig) -> ReferenceBackend | TgiReferenceBackend:
+    """The backend ``config.backend`` names."""
+    return TgiReferenceBackend(config) if config.backend is ReferenceBackendKind.TGI else ReferenceBackend(config)
+
+
+ROLE = Role("reference", ReferenceConfig, build_server, load_backend, lambda backend: backend.warm_up())

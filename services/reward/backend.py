@@ -1,4 +1,5 @@
-"""Scorers behind one small interface: ``score(pairs) -> list[float]`` on the model thread."""
+"""Scorers behind one small interface, on the model thread: ``score(pairs) -> list[float]`` and
+``score_and_count(pairs) -> (scores, tokens per pair)``."""
 
 from __future__ import annotations
 
@@ -12,14 +13,12 @@ from typing import Protocol
 
 import torch
 from pydantic import Field, ValidationError
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 from services.reward.config import RewardConfig
 from shared.chat import Conversation, render_for_scoring
 from shared.config import StrictModel
-from shared.errors import InvalidInput
 from shared.modeling import ModelConfig, load_sequence_classifier, load_tokenizer
-from shared.validation import check_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +29,8 @@ class RewardBackend(Protocol):
     device: torch.device  # where the scoring runs (the CPU for a function)
 
     def score(self, pairs: list[tuple[str, str]]) -> list[float]: ...
-    def count_tokens(self, pairs: list[tuple[str, str]]) -> int: ...
+    def score_and_count(self, pairs: list[tuple[str, str]]) -> tuple[list[float], list[int]]: ...
     def render(self, conversation: Conversation, response: str, field: str) -> tuple[str, str]: ...
-
-
-def validate_pairs(prompts: list, responses: list[str], max_batch: int, field: str = "prompts") -> None:
-    check_batch_size(len(prompts), field, max_batch)
-    if len(responses) != len(prompts):
-        raise InvalidInput("responses", f"has {len(responses)} items but {field} has {len(prompts)}")
 
 
 def load_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
@@ -65,8 +58,8 @@ class FunctionRewardBackend:
             raise RuntimeError("reward function returned a non-finite score")
         return scores
 
-    def count_tokens(self, pairs: list[tuple[str, str]]) -> int:
-        return 0  # no model reads tokens
+    def score_and_count(self, pairs: list[tuple[str, str]]) -> tuple[list[float], list[int]]:
+        return self.score(pairs), [0] * len(pairs)  # no model reads tokens
 
     def render(self, conversation: Conversation, response: str, field: str) -> tuple[str, str]:
         """A function reads plain text: the turns' contents, one per line, as its prompt."""
@@ -101,26 +94,47 @@ def load_reward_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedT
     return model, tokenizer
 
 
-def reward_forward(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], max_length: int
-) -> torch.Tensor:
-    """(B,) scores of ``prompt + response`` texts, right-padded and truncated to ``max_length`` tokens.
-
-    The one definition of what a reward model reads: the reward service scores with it and the reward-model job
-    trains with it (gradients flow unless the caller disables them).
-    """
-    encoded = tokenizer(
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], max_length: int) -> BatchEncoding:
+    """``prompt + response`` texts, right-padded and truncated to ``max_length`` tokens."""
+    return tokenizer(
         [prompt + response for prompt, response in pairs],
         padding=True,
         padding_side="right",
         truncation=True,
         max_length=max_length,
         return_tensors="pt",
-    ).to(model.device)
-    return model(**encoded).logits[:, 0]  # (B, 1) -> (B,)
+    )
+
+
+def reward_forward(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], max_length: int
+) -> torch.Tensor:
+    """(B,) scores of ``prompt + response`` texts (``encode_pairs``).
+
+    The one definition of what a reward model reads: the reward service scores with it and the reward-model job
+    trains with it (gradients flow unless the caller disables them).
+    """
+    return model(**encode_pairs(tokenizer, pairs, max_length).to(model.device)).logits[:, 0]  # (B, 1) -> (B,)
 
 
 @torch.no_grad()
+def score_and_count(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[tuple[str, str]],
+    max_length: int,
+    micro_batch_size: int,
+) -> tuple[list[float], list[int]]:
+    """Raw scores of ``pairs`` in micro-batches of ``micro_batch_size``, and the tokens each pair was read as."""
+    scores: list[float] = []
+    tokens: list[int] = []
+    for start in range(0, len(pairs), micro_batch_size):
+        encoded = encode_pairs(tokenizer, pairs[start : start + micro_batch_size], max_length).to(model.device)
+        scores.extend(model(**encoded).logits[:, 0].float().cpu().tolist())
+        tokens.extend(encoded["attention_mask"].sum(dim=1).tolist())
+    return scores, tokens
+
+
 def score_pairs(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -129,11 +143,7 @@ def score_pairs(
     micro_batch_size: int,
 ) -> list[float]:
     """Raw scores of ``pairs`` in micro-batches of ``micro_batch_size``."""
-    scores: list[float] = []
-    for start in range(0, len(pairs), micro_batch_size):
-        chunk = pairs[start : start + micro_batch_size]
-        scores.extend(reward_forward(model, tokenizer, chunk, max_length).float().cpu().tolist())
-    return scores
+    return score_and_count(model, tokenizer, pairs, max_length, micro_batch_size)[0]
 
 
 class ModelRewardBackend:
@@ -154,22 +164,20 @@ class ModelRewardBackend:
             )
 
     def score(self, pairs: list[tuple[str, str]]) -> list[float]:
-        scores = score_pairs(self.model, self.tokenizer, pairs, self.config.max_length, self.config.micro_batch_size)
-        if self.normalization is None:
-            return scores
-        mean, std = self.normalization.mean, self.normalization.std
-        return [(score - mean) / std for score in scores]
+        return self.score_and_count(pairs)[0]
+
+    def score_and_count(self, pairs: list[tuple[str, str]]) -> tuple[list[float], list[int]]:
+        """Served scores (normalized when the model has statistics) and the tokens each pair was read as."""
+        config = self.config
+        scores, tokens = score_and_count(self.model, self.tokenizer, pairs, config.max_length, config.micro_batch_size)
+        if self.normalization is not None:
+            mean, std = self.normalization.mean, self.normalization.std
+            scores = [(score - mean) / std for score in scores]
+        return scores, tokens
 
     def render(self, conversation: Conversation, response: str, field: str) -> tuple[str, str]:
         """The conversation and its response in the reward model's own chat template (plain text without one)."""
         return render_for_scoring(self.tokenizer, conversation, response, field)
-
-    def count_tokens(self, pairs: list[tuple[str, str]]) -> int:
-        """Tokens the model reads for ``pairs`` (prompt + response, truncated as ``score`` does, no padding)."""
-        encoded = self.tokenizer(
-            [prompt + response for prompt, response in pairs], truncation=True, max_length=self.config.max_length
-        )
-        return sum(len(ids) for ids in encoded["input_ids"])
 
 
 def load_backend(config: RewardConfig) -> RewardBackend:

@@ -6,6 +6,7 @@ import enum
 
 from pydantic import Field, model_validator
 
+from shared.auth import AuthConfig
 from shared.config import StrictModel
 from shared.modeling import ModelConfig
 from shared.rl_math import KLEstimator
@@ -136,6 +137,7 @@ class CheckpointConfig(StrictModel):
 
 class TrainerConfig(StrictModel):
     server: ServerConfig = Field(default_factory=ServerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="tokens and TLS (shared.auth)")
     policy: ModelConfig = Field(default_factory=ModelConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)

@@ -17,6 +17,7 @@ from services.trainer.config import TrainerConfig
 from shared import codec, metrics
 from shared.convert import train_stats_to_pb
 from shared.errors import InvalidInput
+from shared.paths import confine
 from shared.proto.rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from shared.server import BackendHolder, Role, Server, build_grpc_server
 from shared.types import RolloutBatch, TrainStats
@@ -26,6 +27,7 @@ from shared.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
+MIN_CHUNK_BYTES = 1024
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
 
 
@@ -170,8 +172,8 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         max_bytes = self.config.server.max_message_bytes
         limit = max_bytes - min(64 * 1024, max_bytes // 2)  # room for the chunk's other fields
         chunk_bytes = request.chunk_bytes or limit
-        if chunk_bytes < 0:
-            raise InvalidInput("chunk_bytes", f"must be >= 0, got {chunk_bytes}")
+        if chunk_bytes < MIN_CHUNK_BYTES:  # a tiny chunk size would turn one stream into millions of messages
+            raise InvalidInput("chunk_bytes", f"must be 0 (the default) or >= {MIN_CHUNK_BYTES}, got {chunk_bytes}")
         chunk_bytes = min(chunk_bytes, limit)
         async with self._streams_done:  # not while a TrainStep runs; several replicas may stream at once
             self._streams += 1
@@ -188,20 +190,28 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
                 self._streams -= 1
                 self._streams_done.notify_all()
 
+    def _named(self, name: str) -> Path:
+        """``name`` under the checkpoint root: a caller can neither leave the root nor pick another directory."""
+        if self.root is None:
+            raise InvalidInput("name", "this trainer has no checkpoint.root to keep checkpoints under")
+        return confine(self.root.root, name, "name")
+
     async def SaveCheckpoint(self, request: trainer_pb2.CheckpointRequest, context):
         backend: TrainerBackend = self.backend
-        if not request.directory:
-            if self.root is None:
-                raise InvalidInput("directory", "is empty, and this trainer has no checkpoint.root to write under")
-            path = await self.worker.run(self._checkpoint_now)
+        if not request.name:
+            path = await self.worker.run(self._checkpoint_now) if self.root else self._named("")
         else:
-            path = await self.worker.run(backend.save_checkpoint, Path(request.directory))
+            directory = self._named(request.name)
+            if CheckpointRoot.PATTERN.match(directory.name) or directory.name.startswith("."):
+                raise InvalidInput("name", f"{request.name!r}: step-<n> and hidden names belong to the rotation")
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            path = await self.worker.run(backend.save_checkpoint, directory)
         return trainer_pb2.CheckpointResponse(directory=str(path), policy_version=backend.version, step=backend.step)
 
     async def LoadCheckpoint(self, request: trainer_pb2.CheckpointRequest, context):
-        directory = Path(request.directory)
-        if not request.directory or not (directory / "trainer_state.json").is_file():
-            raise InvalidInput("directory", f"{request.directory!r} is not a checkpoint directory")
+        directory = self._named(request.name)
+        if not (directory / "trainer_state.json").is_file():
+            raise InvalidInput("name", f"{request.name!r} is not a checkpoint directory")
         backend: TrainerBackend = self.backend
         await self._exclusive(backend.load_checkpoint, directory)
         metrics.WEIGHTS_VERSION.labels("trainer").set(backend.version)
@@ -254,7 +264,10 @@ async def build_server(config: TrainerConfig, backend: TrainerBackend | None) ->
     """Binds the trainer service (health NOT_SERVING); ``backend`` None means attach it later."""
     servicer = TrainerServicer(config)
     server = await build_grpc_server(
-        config.server, [(servicer, trainer_pb2_grpc.add_TrainerServicer_to_server, SERVICE_NAME)], backend
+        config.server,
+        [(servicer, trainer_pb2_grpc.add_TrainerServicer_to_server, SERVICE_NAME)],
+        backend,
+        auth=config.auth,
     )
     return server, server.port
 

@@ -203,10 +203,12 @@ def wait_run(client: httpx.Client, run_id: str, states: tuple[str, ...], timeout
     raise AssertionError(f"run {run_id} not {states} after {timeout}s: {status['state']}")
 
 
-def restart(launcher: Launcher, service: ServiceProcess, config: dict) -> ServiceProcess:
-    """Kills a service (no drain: its peers see UNAVAILABLE) and starts it again on the same two ports."""
+def restart(launcher: Launcher, service: ServiceProcess) -> ServiceProcess:
+    """Kills a service (no drain: its peers see UNAVAILABLE) and starts it again on the same two ports, with the
+    config it was started with (its token included)."""
     service.process.kill()
     service.process.wait()
+    config = yaml.safe_load((launcher.work_dir / f"{service.name}.yaml").read_text())
     server = {**config["server"], "port": service.info["port"], "metrics_port": service.info["metrics_port"]}
     restarted = launcher.start(service.name, ["serve", service.name], {**config, "server": server})
     restarted.wait_ready(60)
@@ -238,7 +240,7 @@ def test_every_dashboard_query_returns_series_from_prometheus_scraping_the_stack
             created = client.post("/runs", json={**run, "run_id": run_id, "iterations": 500})
             assert created.status_code == 201, created.text
             prometheus.wait(lambda: prometheus.query(f'rlhf_iteration{{run_id="{run_id}"}}'), 60, "a scrape mid-run")
-            services["reward"] = restart(launcher, services["reward"], configs["reward"])
+            services["reward"] = restart(launcher, services["reward"])
             restarted_at = client.get(f"/runs/{run_id}").json()["iteration"]
             restarted = time.time()
             prometheus.wait(lambda: prometheus.scraped_after(restarted + 5), 60, "two scrapes after the restart")

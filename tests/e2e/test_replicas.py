@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from services.demo import service_configs
-from services.launcher import Launcher
+from services.launcher import Launcher, free_port
 from services.orchestrator.clients import grpc_clients
 from services.orchestrator.config import PeersConfig, RpcConfig, RunConfig
 from services.orchestrator.dataset import PromptCursor, load_prompts
@@ -106,6 +106,9 @@ async def test_replicas_join_leave_and_die_mid_run_without_losing_or_doubling_a_
 ):
     caplog.set_level(logging.DEBUG, logger="services.orchestrator.clients")
     configs = service_configs(tiny_policy_dir)
+    trainer_port = free_port()  # known before the replicas start: they may pull from it alone
+    configs["trainer"]["server"] = {**configs["trainer"]["server"], "port": trainer_port}
+    configs["generation"]["trainer_addresses"] = [f"127.0.0.1:{trainer_port}"]
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(64)))
     run = RunConfig(

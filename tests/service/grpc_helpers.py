@@ -51,6 +51,7 @@ async def synced_replicas(trainer, trainer_config, generation_config, pushed, pu
     from shared.proto.rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
     trainer_server, trainer_port = await build_trainer_server(trainer_config, trainer)
+    generation_config = generation_config.model_copy(update={"trainer_addresses": [f"127.0.0.1:{trainer_port}"]})
     push_server, _ = await build_generation_server(generation_config, pushed)
     pull_server, _ = await build_generation_server(generation_config, pulled)
     async with (
@@ -65,7 +66,7 @@ async def synced_replicas(trainer, trainer_config, generation_config, pushed, pu
         push = await generation_pb2_grpc.GenerationStub(push_channel).UpdateWeights(iter(chunks), timeout=30)
         pull_stub = generation_pb2_grpc.GenerationStub(pull_channel)
         pull = await pull_stub.PullWeights(
-            generation_pb2.PullWeightsRequest(trainer_address=f"127.0.0.1:{trainer_port}", min_version=version),
+            generation_pb2.PullWeightsRequest(min_version=version),  # from the configured trainer
             timeout=30,
         )
         yield push, pull, pull_stub

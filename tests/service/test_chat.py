@@ -111,7 +111,7 @@ async def test_the_reward_service_renders_conversations_with_its_own_template(ch
             INVALID,
             "responses",
         )
-    scores = codec.tensor_from_pb(reply.scores, "scores").tolist()
+    scores = list(reply.scores)
     tokenizer = AutoTokenizer.from_pretrained(chat_reward_dir)
     whole = [
         tokenizer.apply_chat_template([*c, {"role": "assistant", "content": r}], tokenize=False)

@@ -367,7 +367,7 @@ async def test_save_checkpoint_without_a_directory_needs_a_root(config, backend)
     async with running(server) as channel:
         stub = trainer_pb2_grpc.TrainerStub(channel)
         empty = trainer_pb2.CheckpointRequest()
-        await expect_status(stub.SaveCheckpoint(empty, timeout=10), INVALID, "directory", "checkpoint.root")
+        await expect_status(stub.SaveCheckpoint(empty, timeout=10), INVALID, "name", "checkpoint.root")
 
 
 # --------------------------------------------------------------------------------------------------------------

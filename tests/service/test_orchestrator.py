@@ -120,8 +120,19 @@ async def test_control_api_start_status_conflict_stop_and_metrics(clients_factor
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         bad = tmp_path / "bad.jsonl"
         bad.write_text("not json\n")
-        reply = await client.post("/runs", json={"dataset": str(bad)})
+        reply = await client.post("/runs", json={"dataset": "bad.jsonl"})  # under the dataset's directory
         assert reply.status_code == 422 and "bad.jsonl:1" in reply.json()["detail"]
+        # Paths from a request stay under the configured roots; run ids are names, not paths.
+        for body, field in [
+            ({"dataset": "/etc/passwd"}, "dataset"),
+            ({"dataset": "../bad.jsonl"}, "dataset"),
+            ({"runs_dir": "/etc"}, "runs_dir"),
+            ({"runs_dir": "a/../../b"}, "runs_dir"),
+            ({"run_id": "../.."}, "run_id"),
+            ({"run_id": "a/b"}, "run_id"),
+        ]:
+            reply = await client.post("/runs", json=body)
+            assert reply.status_code == 422 and reply.json()["detail"].startswith(field), (body, reply.text)
         reply = await client.post("/runs", json={"iterations": "many"})
         assert reply.status_code == 422 and "iterations" in reply.text
         assert (await client.get("/runs/nope")).status_code == 404
@@ -251,7 +262,9 @@ async def test_a_stale_replica_is_resynced_and_its_share_resent_and_no_replica_l
     trainer_server, trainer_port = await TRAINER.build_server(trainer_config, trainer)
     replicas = []
     for _ in range(2):
-        config = GenerationConfig.model_validate({"model": {"path": str(tiny_policy_dir)}, "server": {"port": 0}})
+        config = GenerationConfig.model_validate(
+            {"model": {"path": str(tiny_policy_dir)}, "trainer_addresses": [f"127.0.0.1:{trainer_port}"]}
+        )
         replicas.append(await build_generation(config, GenerationBackend(config)))
     contexts = [running(server) for server, _ in [(trainer_server, trainer_port), *replicas]]
     for context in contexts:
@@ -289,9 +302,9 @@ async def test_a_stale_replica_is_resynced_and_its_share_resent_and_no_replica_l
 
 async def test_api_token_guards_the_runs_but_not_health_or_metrics(clients_factory, dataset, tmp_path):
     token_file = tmp_path / "token"
-    token_file.write_text("s3cret\n")
+    token_file.write_text("s3cret-s3cret-s3cret\n")
     config = OrchestratorConfig.model_validate(
-        {"api": {"token_file": str(token_file)}, "run": {"dataset": str(dataset), "runs_dir": str(tmp_path)}}
+        {"auth": {"token_file": str(token_file)}, "run": {"dataset": str(dataset), "runs_dir": str(tmp_path)}}
     )
     transport = httpx.ASGITransport(app=create_app(config, clients_factory))
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
@@ -301,15 +314,23 @@ async def test_api_token_guards_the_runs_but_not_health_or_metrics(clients_facto
         wrong = await client.get("/runs", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
         assert (await client.post("/runs", json={"iterations": 1})).status_code == 401
-        ok = await client.get("/runs", headers={"Authorization": "Bearer s3cret"})
+        ok = await client.get("/runs", headers={"Authorization": "Bearer s3cret-s3cret-s3cret"})
         assert ok.status_code == 200 and ok.json() == []
-    empty = tmp_path / "empty"
-    empty.write_text("")
-    with pytest.raises(ValueError, match="token_file"):
-        create_app(
-            OrchestratorConfig.model_validate({"api": {"token_file": str(empty)}, "run": {"runs_dir": str(tmp_path)}}),
-            clients_factory,
-        )
+    # An empty file, the manifests' placeholder, a short token: refused at start-up, saying what to set.
+    for text, message in [
+        ("", "holds no token"),
+        ("REPLACE-ME-with-a-long-random-token", "openssl rand"),
+        ("short", "16"),
+    ]:
+        bad = tmp_path / "bad-token"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=f"auth.token_file.*{message}"):
+            config = {"auth": {"token_file": str(bad)}, "run": {"runs_dir": str(tmp_path)}}
+            create_app(OrchestratorConfig.model_validate(config), clients_factory)
+    # Without a token the API may listen on loopback only.
+    with pytest.raises(ValueError, match=r"auth\.token_file: required"):
+        config = {"api": {"host": "0.0.0.0"}, "run": {"runs_dir": str(tmp_path)}}
+        create_app(OrchestratorConfig.model_validate(config), clients_factory)
 
 
 async def test_a_restarted_orchestrator_resumes_its_run_from_the_embedded_store(clients_factory, dataset, tmp_path):

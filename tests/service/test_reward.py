@@ -16,9 +16,9 @@ from services.reward.backend import NORMALIZATION_FILE, load_backend
 from services.reward.config import RewardConfig
 from services.reward.functions import positive_word_share
 from services.reward.servicer import SERVICE_NAME, build_server
-from shared import codec
 from shared.config import ConfigError, load_config
 from shared.proto.rlhf.v1 import reward_pb2, reward_pb2_grpc
+from shared.worker import BatchingQueue, ModelWorker
 from tests.service.grpc_helpers import expect_status, health_status, running
 
 PAIRS = [
@@ -36,7 +36,7 @@ async def _score(config, pairs):
     server, _ = await build_server(config, load_backend(config))
     async with running(server) as channel:
         reply = await reward_pb2_grpc.RewardStub(channel).Score(_request(pairs), timeout=30)
-    return codec.tensor_from_pb(reply.scores, "scores")
+    return torch.tensor(list(reply.scores))
 
 
 async def test_reward_model_scores_match_an_in_process_forward(tiny_reward_dir):
@@ -65,7 +65,7 @@ async def test_concurrent_requests_are_merged_and_answered_separately():
         stub = reward_pb2_grpc.RewardStub(channel)
         replies = await asyncio.gather(*[stub.Score(_request([("p", "x" * n)] * n), timeout=30) for n in range(1, 9)])
     for n, reply in enumerate(replies, start=1):
-        assert codec.tensor_from_pb(reply.scores, "s").tolist() == [float(n)] * n
+        assert list(reply.scores) == [float(n)] * n
 
 
 async def test_bad_requests_and_config(tiny_reward_dir, tmp_path):
@@ -105,3 +105,22 @@ async def test_normalization_file_centres_served_scores(tiny_reward_dir, tmp_pat
     (model_dir / NORMALIZATION_FILE).write_text(json.dumps({"mean": 0.0, "std": 0.0, "count": 3}))
     with pytest.raises(ValueError, match=f"{NORMALIZATION_FILE}: not a valid reward normalization"):
         load_backend(raw_config.model_copy(update={"normalize": True}))
+
+
+async def test_the_batching_queue_waits_caps_and_keeps_each_callers_items():
+    """Requests taken within max_wait merge, up to max_batch items per call (the one that would overflow waits for
+    the next call; a larger one runs alone); each caller gets its own results, in order."""
+    calls: list[list[int]] = []
+
+    def process(items: list[int]) -> list[int]:
+        calls.append(items)
+        return [10 * item for item in items]
+
+    queue = BatchingQueue(ModelWorker("test"), process, max_batch=4, max_wait_s=0.5)
+    try:
+        requests = [[1, 2], [3], [4, 5], [6, 7, 8, 9, 10], [11]]
+        replies = await asyncio.gather(*(queue.submit(items) for items in requests))
+    finally:
+        await queue.close()
+    assert replies == [[10 * item for item in items] for items in requests]
+    assert calls == [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]

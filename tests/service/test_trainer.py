@@ -233,16 +233,22 @@ def _assert_logprobs_of(model, rows) -> None:
 
 
 async def test_generation_pulls_the_trained_policy(config, backend, rollout, tiny_policy_dir, initial_policy):
-    generation_config = GenerationConfig.model_validate({"model": {"path": str(tiny_policy_dir)}})
-    generation_server, _ = await build_generation_server(generation_config, GenerationBackend(generation_config))
     trainer_server, trainer_port = await build_server(config, backend)
-    prompts = [torch.tensor([5, 6, 7]), torch.tensor([11]), torch.tensor([40, 41, 42, 43])]
     address = f"127.0.0.1:{trainer_port}"
+    generation_config = GenerationConfig.model_validate(
+        {"model": {"path": str(tiny_policy_dir)}, "trainer_addresses": [address]}
+    )
+    generation_server, _ = await build_generation_server(generation_config, GenerationBackend(generation_config))
+    prompts = [torch.tensor([5, 6, 7]), torch.tensor([11]), torch.tensor([40, 41, 42, 43])]
     async with running(trainer_server) as trainer_channel, running(generation_server) as generation_channel:
         trainer = trainer_pb2_grpc.TrainerStub(trainer_channel)
         generation = generation_pb2_grpc.GenerationStub(generation_channel)
         info = generation_pb2.InfoRequest()
         await trainer.TrainStep(_request(rollout), timeout=60)
+
+        # Generation dials only the trainers its config names: not an address a caller picks.
+        elsewhere = generation_pb2.PullWeightsRequest(trainer_address="127.0.0.1:1", min_version=1)
+        await expect_status(generation.PullWeights(elsewhere, timeout=30), INVALID, "trainer_address", "configured")
 
         # The trainer holds version 1: asking for 2, or for another epoch (as if it had restarted since), fails and
         # leaves the served (initial) weights in place.
@@ -329,7 +335,7 @@ async def test_bad_train_steps_are_rejected_and_the_service_still_trains(config,
         stub = trainer_pb2_grpc.TrainerStub(channel)
         for request, code, fragments in cases:
             await expect_status(stub.TrainStep(request, timeout=30), code, *fragments)
-        await expect_status(stub.SaveCheckpoint(trainer_pb2.CheckpointRequest(), timeout=10), INVALID, "directory")
+        await expect_status(stub.SaveCheckpoint(trainer_pb2.CheckpointRequest(), timeout=10), INVALID, "name", "root")
         assert await health_status(channel, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
         assert (await _state(stub)).policy_version == 0  # no rejected request trained
         stats = (await stub.TrainStep(_request(rollout), timeout=60)).stats
@@ -360,30 +366,49 @@ async def test_oversized_message_is_resource_exhausted(config, backend, rollout)
 
 
 async def test_checkpoint_round_trip_through_the_rpcs(config, backend, rollout, tmp_path):
-    directory = tmp_path / "checkpoint"
+    root = tmp_path / "checkpoints"
+    directory = (root / "runs" / "a").resolve()
+    # every: a large interval, so that the only checkpoints are the ones asked for here
+    config = config.model_copy(
+        update={"checkpoint": config.checkpoint.model_copy(update={"root": str(root), "every": 1000})}
+    )
     server, _ = await build_server(config, backend)
     async with running(server) as channel:
         stub = trainer_pb2_grpc.TrainerStub(channel)
         await stub.TrainStep(_request(rollout), timeout=60)
         saved_state = await _state(stub)
-        saved = await stub.SaveCheckpoint(trainer_pb2.CheckpointRequest(directory=str(directory)), timeout=60)
+        saved = await stub.SaveCheckpoint(trainer_pb2.CheckpointRequest(name="runs/a"), timeout=60)
         saved_weights = dict(backend.policy_state())
         resumed_step = (await stub.TrainStep(_request(rollout), timeout=60)).stats
         continued_weights = dict(backend.policy_state())
 
-        loaded = await stub.LoadCheckpoint(trainer_pb2.CheckpointRequest(directory=str(directory)), timeout=60)
+        loaded = await stub.LoadCheckpoint(trainer_pb2.CheckpointRequest(name="runs/a"), timeout=60)
         loaded_state = await _state(stub)
         loaded_weights = dict(backend.policy_state())
         streamed = await _stream(stub, 0)
         replayed_step = (await stub.TrainStep(_request(rollout), timeout=60)).stats
         replayed_weights = dict(backend.policy_state())
 
-        missing = trainer_pb2.CheckpointRequest(directory=str(tmp_path / "missing"))
-        await expect_status(stub.LoadCheckpoint(missing, timeout=10), INVALID, "directory", "missing")
-        (tmp_path / "not-a-checkpoint").mkdir()
-        not_one = trainer_pb2.CheckpointRequest(directory=str(tmp_path / "not-a-checkpoint"))
-        await expect_status(stub.LoadCheckpoint(not_one, timeout=10), INVALID, "directory", "not-a-checkpoint")
-        await expect_status(stub.LoadCheckpoint(trainer_pb2.CheckpointRequest(), timeout=10), INVALID, "directory")
+        missing = trainer_pb2.CheckpointRequest(name="missing")
+        await expect_status(stub.LoadCheckpoint(missing, timeout=10), INVALID, "name", "missing")
+        (root / "not-a-checkpoint").mkdir()
+        not_one = trainer_pb2.CheckpointRequest(name="not-a-checkpoint")
+        await expect_status(stub.LoadCheckpoint(not_one, timeout=10), INVALID, "name", "not-a-checkpoint")
+        await expect_status(stub.LoadCheckpoint(trainer_pb2.CheckpointRequest(), timeout=10), INVALID, "name")
+        # Names stay under the root: no absolute paths, no '..', no link out of it, no step-<n> of the rotation.
+        outside = tmp_path / "outside"
+        (root / "link").symlink_to(tmp_path)
+        for name, fragment in [
+            (str(outside), "not under"),
+            ("../outside", ".."),
+            ("runs/../../outside", ".."),
+            ("link/outside", "not under"),
+            ("step-000000001", "rotation"),
+        ]:
+            request = trainer_pb2.CheckpointRequest(name=name)
+            await expect_status(stub.SaveCheckpoint(request, timeout=10), INVALID, "name", fragment)
+        await expect_status(stub.LoadCheckpoint(trainer_pb2.CheckpointRequest(name="../a"), timeout=10), INVALID, "..")
+        assert not outside.exists()
         assert (await _state(stub)).policy_version == 2  # failed loads changed nothing
 
     assert (saved.policy_version, saved.step, saved.directory) == (1, 1, str(directory))

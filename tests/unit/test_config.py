@@ -106,3 +106,42 @@ def test_generation_discovery_static_or_kubernetes():
         PeersConfig.model_validate({"generation_discovery": {"mode": "kubernetes", "namespace": "rlhf"}})
     with pytest.raises(ValueError, match="mode"):
         PeersConfig.model_validate({"generation_discovery": {"mode": "dns"}})
+
+
+def test_several_config_files_merge_in_order(tmp_path):
+    """A role's config and an add-on (a TLS file mounted beside it): mappings merge key by key, the later file
+    wins, flags win over both."""
+    from services.reward.config import RewardConfig
+
+    base = tmp_path / "reward.yaml"
+    base.write_text("function: services.reward.functions:response_length\nserver: {port: 50052, host: 0.0.0.0}\n")
+    addon = tmp_path / "tls.yaml"
+    addon.write_text("auth: {tls: {cert_file: /c.pem, key_file: /k.pem}}\nserver: {port: 50099}\n")
+    config = load_config(RewardConfig, [base, addon], {"server.grace_seconds": 3})
+    assert (config.server.host, config.server.port, config.server.grace_seconds) == ("0.0.0.0", 50099, 3)
+    assert config.auth.tls.cert_file == "/c.pem" and config.function.endswith("response_length")
+    with pytest.raises(ValueError, match=r"missing\.yaml"):
+        load_config(RewardConfig, [base, tmp_path / "missing.yaml"])
+
+
+def test_request_paths_are_confined_under_their_root(tmp_path):
+    from shared.errors import InvalidInput
+    from shared.paths import confine
+
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "out").symlink_to(tmp_path)
+    assert confine(root, "data/p.jsonl", "dataset") == (root / "data" / "p.jsonl").resolve()
+    assert confine(root, str(root / "data"), "dataset") == (root / "data").resolve()  # absolute, inside
+    for given, message in [
+        ("", "empty"),
+        ("../x", "'..'"),
+        ("data/../../x", "'..'"),
+        ("/etc/passwd", "not under"),
+        ("out/secret", "not under"),  # a link out of the root
+        ("a\x00b", "NUL"),
+        ("x" * 201, "too long"),
+    ]:
+        with pytest.raises(InvalidInput, match=message) as refused:
+            confine(root, given, "dataset")
+        assert refused.value.field == "dataset"
