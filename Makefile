@@ -78,9 +78,27 @@ format: $(VENV_STAMP)
 	.venv/bin/ruff check --fix .
 	.venv/bin/ruff format .
 
-# Apply the Kubernetes manifests (kustomize overlay: cpu or gpu) to the cluster of the current kubectl context.
+# Apply the Kubernetes manifests (kustomize overlay: cpu, gpu or gpu-tls) to the cluster of the current kubectl
+# context. First the namespace, and the Secret rlhf-tokens with a random token per role if it does not exist yet: it
+# is not in the kustomization, so an apply never replaces it (deploy/README.md#tokens: read, rotate). The tokens go
+# from a private temporary directory straight into `kubectl create`: never on a command line, never in git.
+KUBECTL ?= .venv/bin/kubectl
+TOKEN_ROLES := generation reward reference trainer orchestrator
 deploy: $(VENV_STAMP)
-	.venv/bin/kubectl apply -k deploy/k8s/overlays/$(OVERLAY)
+	$(KUBECTL) apply -f deploy/k8s/base/namespace.yaml
+	@set -euo pipefail; \
+	existing=$$($(KUBECTL) -n rlhf get secret rlhf-tokens --ignore-not-found -o name); \
+	if [ -n "$$existing" ]; then \
+		echo "secret rlhf-tokens exists: kept"; \
+	else \
+		umask 077; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+		for role in $(TOKEN_ROLES); do \
+			$(PY) -c 'import secrets; print(secrets.token_hex(32))' > "$$dir/$$role"; \
+		done; \
+		$(KUBECTL) -n rlhf create secret generic rlhf-tokens --from-file="$$dir"; \
+		$(KUBECTL) -n rlhf label secret rlhf-tokens app.kubernetes.io/part-of=rlhf; \
+	fi
+	$(KUBECTL) apply -k deploy/k8s/overlays/$(OVERLAY)
 
 # Re-pin the lock file from the current venv (after changing what is installed); setuptools included, since
 # builds (the images, the editable install) need a recent one. The packages of requirements-real.txt stay out: they

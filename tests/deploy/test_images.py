@@ -7,8 +7,9 @@
   lock's pins, closed under dependencies, without torch, and its import chain works with only them;
 - docker/compose.yaml: what it mounts and builds from exists, dependencies exist and are health-gated, images are
   pinned, the GPU services reserve an NVIDIA device, the cpu profile has the four roles; every role's command parses
-  with the real CLI and its config loads with the role's type; ports and health checks match those configs;
-  deploy/prometheus/compose.yml scrapes the same jobs as prometheus.yml, at the compose names.
+  with the real CLI and its config loads with the role's type; ports and health checks match those configs; each
+  service gets exactly the token files its config reads, from git-ignored files that docker/tokens.sh writes
+  (run here for real); deploy/prometheus/compose.yml scrapes the same jobs as prometheus.yml, at the compose names.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import ast
 import importlib
 import importlib.metadata
 import json
+import os
 import re
+import secrets
 import shutil
+import stat
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -29,6 +33,8 @@ from packaging.requirements import Requirement
 
 from services.cli import ROLE_MODULES, build_parser
 from services.orchestrator.config import OrchestratorConfig
+from shared.auth import ROLES as AUTH_ROLES
+from shared.auth import read_tokens
 from shared.config import config_from_args, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,11 +152,16 @@ def test_images_are_pinned_multi_stage_non_root_and_check_health(dockerfile):
     assert not [args for keyword, args in runtime if keyword == "RUN" and "pip install" in args]
 
 
+def served_ports(server) -> set[int]:
+    """gRPC, metrics and, where it is on, REST: every port a model service's ``server`` section opens."""
+    return {server.port, server.metrics_port} | ({server.http_port} if server.http_port is not None else set())
+
+
 def test_exposed_ports_are_the_configs_ports():
     model_ports = set()
     for role in ROLES:
         config = load_config(role_config_type(role), ROOT / "deploy" / "configs" / f"{role}.yaml")
-        model_ports |= {config.server.port, config.server.metrics_port}
+        model_ports |= served_ports(config.server)
     orchestrator = load_config(OrchestratorConfig, ROOT / "deploy" / "configs" / "orchestrator.yaml")
     expected = {
         "Dockerfile.model": model_ports,
@@ -292,10 +303,12 @@ class Refuse:
         return None
 
 sys.meta_path.insert(0, Refuse())
+import os
 import services.orchestrator.app, services.orchestrator.clients, services.cli
 from services.orchestrator.config import OrchestratorConfig
 from shared.config import config_from_args
-argv = ["orchestrator", "--config", "deploy/configs/orchestrator.yaml"]
+# The image's config, with an add-on merged over it that points auth at test token files (the image's are mounted).
+argv = ["orchestrator", "--config", "deploy/configs/orchestrator.yaml", "--config", os.environ["AUTH_ADDON"]]
 args = services.cli.build_parser(argv).parse_args(argv)
 import uvicorn, grpc_health.v1.health_pb2_grpc  # imported when `rlhf orchestrator` runs and a run starts
 services.orchestrator.app.create_app(config_from_args(OrchestratorConfig, args))
@@ -303,21 +316,35 @@ print(json.dumps(sorted({m.partition(".")[0] for m in sys.modules})))
 """
 
 
-def run_import_chain(*argv: str) -> list[str]:
+def run_import_chain(tmp_path: Path, *argv: str) -> list[str]:
+    tokens = {}
+    for role in [*ROLES, "orchestrator"]:
+        tokens[role] = tmp_path / role
+        tokens[role].write_text(secrets.token_hex(32) + "\n")
+    peers = {role: str(path) for role, path in tokens.items() if role != "orchestrator"}
+    addon = tmp_path / "auth.yaml"
+    addon.write_text(yaml.safe_dump({"auth": {"token_file": str(tokens["orchestrator"]), "peer_token_files": peers}}))
     result = subprocess.run(
-        [sys.executable, "-c", IMPORT_CHAIN, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", IMPORT_CHAIN, *argv],
+        cwd=ROOT,
+        env={**os.environ, "AUTH_ADDON": str(addon)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, f"the orchestrator's import chain failed:\n{result.stderr}"
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_orchestrator_imports_without_torch():
-    loaded = run_import_chain(json.dumps(sorted(MODEL_FAMILY)))
+def test_orchestrator_imports_without_torch(tmp_path):
+    loaded = run_import_chain(tmp_path, json.dumps(sorted(MODEL_FAMILY)))
     assert "fastapi" in loaded and "grpc" in loaded and not MODEL_FAMILY & set(loaded)
 
 
-def test_orchestrator_imports_with_only_its_requirements():
-    run_import_chain(json.dumps(sorted(MODEL_FAMILY)), json.dumps(sorted(read_pins(ORCHESTRATOR_REQUIREMENTS))))
+def test_orchestrator_imports_with_only_its_requirements(tmp_path):
+    run_import_chain(
+        tmp_path, json.dumps(sorted(MODEL_FAMILY)), json.dumps(sorted(read_pins(ORCHESTRATOR_REQUIREMENTS)))
+    )
 
 
 # --- docker/compose.yaml ------------------------------------------------------------------------------------------
@@ -352,7 +379,7 @@ def cli_config(service: dict):
     """Parses the service's command with the real CLI and loads the config it names (the mounted file)."""
     argv = [str(a) for a in service["command"]]
     args = build_parser(argv).parse_args(argv)
-    args.config = host_path(service, str(args.config))
+    args.config = [host_path(service, str(path)) for path in args.config]
     config_type = OrchestratorConfig if args.command == "orchestrator" else role_config_type(args.role)
     return args, config_from_args(config_type, args)
 
@@ -433,12 +460,15 @@ def test_role_commands_parse_with_the_cli_and_ports_match_their_configs(compose,
         args, config = cli_config(service)
         assert args.command == "serve" and args.role == role
         assert config.server.host == "0.0.0.0", f"{service['name']}: reachable from the other containers"
-        assert {int(p) for p in service["expose"]} == {config.server.port, config.server.metrics_port}
+        assert {int(p) for p in service["expose"]} == served_ports(config.server)
+        # Published: only the reward's REST API (its public API), and only on this machine.
+        published = [f"127.0.0.1:{config.server.http_port}:{config.server.http_port}"] if role == "reward" else []
+        assert service.get("ports", []) == published
         test = service["healthcheck"]["test"]
         assert test[:4] == ["CMD", "python", "-m", "services.healthcheck"]
         assert test[4:] == ["--service", f"rlhf.v1.{role.capitalize()}", f"127.0.0.1:{config.server.port}"]
         if profile == "gpu":  # the deployment's example configs themselves
-            assert args.config == ROOT / "deploy" / "configs" / f"{role}.yaml"
+            assert args.config == [ROOT / "deploy" / "configs" / f"{role}.yaml"]
 
 
 @pytest.mark.parametrize("name", ["orchestrator", "orchestrator-cpu"])
@@ -496,6 +526,88 @@ def test_cpu_profile_runs_the_demo_settings_on_what_init_writes(compose):
     assert isinstance(orchestrator.run, RunConfig) and orchestrator.run.sampling.max_new_tokens == 16
     for name in ("generation-cpu", "reference-cpu", "trainer-cpu", "orchestrator-cpu"):
         assert "models:/models:ro" in services[name]["volumes"], name
+
+
+TOKEN_DIR = PurePosixPath("/run/secrets/rlhf")
+SECRETS_DIR = DOCKER / "secrets"
+ORCHESTRATORS = {"gpu": "orchestrator", "cpu": "orchestrator-cpu"}
+
+
+def token_mounts(compose: dict, service: dict) -> dict[str, str]:
+    """{path in the container: the token file's name (its role)} of a service's compose ``secrets``."""
+    mounts = {}
+    for entry in service.get("secrets", []):
+        source = (DOCKER / compose["secrets"][entry["source"]]["file"]).resolve()
+        assert source.parent == SECRETS_DIR, f"{entry['source']}: {source} is not a file docker/tokens.sh writes"
+        assert entry["target"] not in mounts
+        mounts[entry["target"]] = source.name
+    return mounts
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_each_service_gets_exactly_the_token_files_its_config_reads(compose, profile):
+    services = {**model_services(compose, profile), "orchestrator": compose["services"][ORCHESTRATORS[profile]]}
+    configs = {role: cli_config(service)[1] for role, service in services.items()}
+    for role, service in services.items():
+        auth = configs[role].auth
+        reads = {auth.token_file: role} | {path: peer for peer, path in auth.peer_token_files.items()}
+        assert token_mounts(compose, service) == reads, role  # its own token, the peers' it presents, no other
+        assert all(PurePosixPath(path) == TOKEN_DIR / name for path, name in reads.items()), role
+    assert set(configs["orchestrator"].auth.peer_token_files) == set(ROLES)
+    assert set(configs["generation"].auth.peer_token_files) == {"trainer"}
+    # generation pulls weights only from the trainer the orchestrator trains with
+    assert configs["generation"].trainer_addresses == [configs["orchestrator"].peers.trainer]
+
+
+def test_compose_tokens_come_from_git_ignored_files_that_no_image_gets(compose):
+    files = {(DOCKER / s["file"]).resolve() for s in compose["secrets"].values()}
+    assert files == {SECRETS_DIR / role for role in AUTH_ROLES}
+    tracked = subprocess.run(
+        ["git", "ls-files", "docker/secrets"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert tracked in ([], ["docker/secrets/.gitignore"]), "a token file is committed"
+    relative = [str(f.relative_to(ROOT)) for f in sorted(files)]
+    ignored = subprocess.run(["git", "check-ignore", *relative], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == relative, "docker/secrets/ must stay git-ignored"
+    rules = dockerignore_rules()
+    assert not any(in_build_context(path, rules) for path in relative)
+
+
+def test_tokens_script_writes_a_random_token_per_role_once(tmp_path):
+    target = tmp_path / "secrets"
+    subprocess.run(["sh", str(DOCKER / "tokens.sh"), str(target)], check=True, capture_output=True, timeout=60)
+    tokens = {path.name: read_tokens(str(path)) for path in target.iterdir()}  # each one the services accept
+    assert set(tokens) == set(AUTH_ROLES)
+    assert all(len(t) == 1 and re.fullmatch(r"[0-9a-f]{64}", t[0]) for t in tokens.values())
+    assert len({t[0] for t in tokens.values()}) == len(tokens)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700  # the directory is private; the files readable by uid 10001
+    assert all(stat.S_IMODE((target / role).stat().st_mode) == 0o644 for role in tokens)
+    (target / "reward").unlink()
+    run = subprocess.run(["sh", str(DOCKER / "tokens.sh"), str(target)], check=True, capture_output=True, text=True)
+    again = {path.name: read_tokens(str(path)) for path in target.iterdir()}
+    assert {r: t for r, t in again.items() if r != "reward"} == {r: t for r, t in tokens.items() if r != "reward"}
+    assert again["reward"] != tokens["reward"] and "reward: written" in run.stdout
+    assert not any(t[0] in run.stdout for t in again.values())
+
+
+def volume_targets(service: dict) -> dict[str, str]:
+    """{path in the container: volume or host path} of a service's volumes."""
+    return {volume.split(":")[1]: volume.split(":")[0] for volume in service.get("volumes", [])}
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_trainer_checkpoints_and_run_records_live_on_their_own_volumes(compose, profile):
+    trainer = model_services(compose, profile)["trainer"]
+    root = PurePosixPath(cli_config(trainer)[1].checkpoint.root)  # every checkpoint the trainer writes lies under it
+    assert volume_targets(trainer)["/checkpoints"] == "checkpoints" and root.is_relative_to("/checkpoints")
+    holders = [name for name, s in compose["services"].items() if "checkpoints" in volume_targets(s).values()]
+    assert holders == [s["name"] for p in ("gpu", "cpu") for s in [model_services(compose, p)["trainer"]]]
+    # The orchestrator: a POST /runs body's paths are confined under the api roots, which are its volumes.
+    orchestrator = compose["services"][ORCHESTRATORS[profile]]
+    config = cli_config(orchestrator)[1]
+    assert config.run.runs_dir == config.api.runs_root and volume_targets(orchestrator)[config.api.runs_root] == "runs"
+    assert config.api.datasets_root == str(PurePosixPath(config.run.dataset).parent)
+    assert any(PurePosixPath(config.api.datasets_root).is_relative_to(path) for path in volume_targets(orchestrator))
 
 
 def test_prometheus_compose_config_scrapes_the_same_jobs_at_the_compose_names(compose):

