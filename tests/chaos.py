@@ -65,7 +65,8 @@ class Stack:
         address = {role: f"127.0.0.1:{config['server']['port']}" for role, config in self.configs.items()}
         return {
             "peers": {"generation": [address["generation"]], **{r: address[r] for r in ROLES[1:]}},
-            "api": {"port": self.api_port, "datasets_root": str(self.work), "runs_root": str(self.work)},
+            # the dataset lies beside the stack's work directory (tests) or in it (python -m tests.chaos)
+            "api": {"port": self.api_port, "datasets_root": str(self.work.parent), "runs_root": str(self.work)},
             "auth": self.auth,
             "store": {"url": self.redis.url, "outage_budget_s": 120},
             "rpc": {"outage_budget_s": 180, "initial_backoff_s": 0.2, "max_backoff_s": 1.0, "wait_ready_s": 180},

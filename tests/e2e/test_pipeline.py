@@ -4,6 +4,7 @@ reward model -> PPO through the four services and the orchestrator -> DPO -> eva
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -63,4 +64,7 @@ def test_summary_and_report_are_written(summary):
         json.loads(line)["policy_version"] for line in (root / "ppo" / "iterations.jsonl").read_text().splitlines()
     ]
     assert versions == list(range(1, 21))
-    assert (root / "ppo" / "checkpoint" / "policy" / "model.safetensors").exists()
+    # The run's final checkpoint, written by the trainer under its checkpoint root (the run's summary says where).
+    checkpoint = Path(json.loads((root / "ppo" / "summary.json").read_text())["checkpoint"])
+    assert checkpoint.name == "ppo" and checkpoint.parent.name == "runs"
+    assert (checkpoint / "policy" / "model.safetensors").exists()

@@ -7,6 +7,7 @@ A smoke test of the wiring (the figures of ``make demo-real`` come from its full
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,5 +45,6 @@ def test_the_real_pipeline_runs_every_stage_on_tiny_settings(smollm2_path, tmp_p
         assert -1 <= evaluation["gold_reward_mean"] <= 1  # VADER's compound score
     assert 0 <= summary["reward_model_pair_accuracy"] <= 1
     # The LoRA run's checkpoint: the adapter and the merged model that evaluation loaded.
-    assert (root / "ppo" / "checkpoint" / "adapter" / "adapter_config.json").is_file()
-    assert (root / "ppo" / "checkpoint" / "policy" / "config.json").is_file()
+    checkpoint = Path(json.loads((root / "ppo" / "summary.json").read_text())["checkpoint"])
+    assert (checkpoint / "adapter" / "adapter_config.json").is_file()
+    assert (checkpoint / "policy" / "config.json").is_file()
