@@ -15,8 +15,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import os
 import ssl
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +109,39 @@ def read_tokens(path: str, field: str = "auth.token_file") -> tuple[str, ...]:
     return tokens
 
 
+class TokenFile:
+    """The tokens in a file, read again when the file changes (checked at most every ``recheck_s``): a Secret
+    rotated in place (Kubernetes swaps the mounted files) takes effect without a restart. A changed file that no
+    longer holds valid tokens is logged and the tokens read before stay in use."""
+
+    def __init__(self, path: str, field: str, recheck_s: float = 5.0):
+        self.path, self.field, self.recheck_s = path, field, recheck_s
+        self._tokens = read_tokens(path, field)
+        self._signature = self._stat()
+        self._checked = time.monotonic()
+
+    def _stat(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def current(self) -> tuple[str, ...]:
+        now = time.monotonic()
+        if now - self._checked >= self.recheck_s:
+            self._checked = now
+            signature = self._stat()
+            if signature is not None and signature != self._signature:
+                try:
+                    self._tokens = read_tokens(self.path, self.field)
+                    log.info("%s: %s changed; %d token(s) now in use", self.field, self.path, len(self._tokens))
+                except ConfigError as exc:
+                    log.error("%s changed but cannot be used (%s); keeping the tokens read before", self.field, exc)
+                self._signature = signature
+        return self._tokens
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -125,16 +160,21 @@ def _read(path: str, field: str) -> bytes:
 
 @dataclass(frozen=True)
 class ServerAuth:
-    """What a server checks, loaded once at start-up: accepted tokens (empty = none checked) and TLS files."""
+    """What a server checks: the accepted tokens (from ``token_file``, followed as it changes; none = nothing
+    checked) and the TLS files (read at start-up)."""
 
-    tokens: tuple[str, ...] = ()
+    token_file: TokenFile | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics_require_token: bool = False
 
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return self.token_file.current() if self.token_file is not None else ()
+
     @classmethod
     def load(cls, config: AuthConfig, host: str, what: str = "server") -> ServerAuth:
-        tokens = read_tokens(config.token_file) if config.token_file else ()
-        if not tokens:
+        token_file = TokenFile(config.token_file, "auth.token_file") if config.token_file else None
+        if token_file is None:
             if not is_loopback(host):
                 raise ConfigError(
                     f"auth.token_file: required for a {what} bound to {host}: set it to a file holding a random "
@@ -145,23 +185,24 @@ class ServerAuth:
             path = getattr(config.tls, name)
             if path:
                 _read(path, f"auth.tls.{name}")
-        return cls(tokens, config.tls, config.metrics_require_token)
+        return cls(token_file, config.tls, config.metrics_require_token)
 
     def accepts(self, authorization: str | None) -> bool:
         """Whether an ``Authorization`` value (``Bearer <token>``) is allowed; always, when no tokens are set."""
-        if not self.tokens:
+        tokens = self.tokens
+        if not tokens:
             return True
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented:
             return False
         presented_bytes = presented.strip().encode()
         # Compare with every token (no early exit): the time taken says nothing about which one nearly matched.
-        matches = [hmac.compare_digest(presented_bytes, token.encode()) for token in self.tokens]
+        matches = [hmac.compare_digest(presented_bytes, token.encode()) for token in tokens]
         return any(matches)
 
     def check_grpc(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
         """Raises ``Unauthenticated`` unless the call to ``method`` (``/pkg.Service/Method``) may proceed."""
-        if not self.tokens or method.startswith(f"/{HEALTH_SERVICE}/"):
+        if self.token_file is None or method.startswith(f"/{HEALTH_SERVICE}/"):
             return
         value = next((v for k, v in (metadata or ()) if k == "authorization"), None)
         if isinstance(value, bytes):
@@ -213,9 +254,9 @@ def http_dependency(server_auth: ServerAuth):
 # --- clients ---------------------------------------------------------------------------------------------------
 
 
-def _with_token(details: grpc.aio.ClientCallDetails, header: tuple[str, str]) -> grpc.aio.ClientCallDetails:
+def _with_token(details: grpc.aio.ClientCallDetails, token: Callable[[], str]) -> grpc.aio.ClientCallDetails:
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    metadata.add(*header)
+    metadata.add("authorization", f"Bearer {token()}")
     return grpc.aio.ClientCallDetails(
         details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
     )
@@ -223,48 +264,48 @@ def _with_token(details: grpc.aio.ClientCallDetails, header: tuple[str, str]) ->
 
 # grpc.aio files an interceptor under the first kind it is an instance of: one class per kind of call.
 class _UnaryUnaryToken(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, header: tuple[str, str]):
-        self.header = header
+    def __init__(self, token: Callable[[], str]):
+        self.token = token
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(_with_token(client_call_details, self.header), request)
+        return await continuation(_with_token(client_call_details, self.token), request)
 
 
 class _UnaryStreamToken(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, header: tuple[str, str]):
-        self.header = header
+    def __init__(self, token: Callable[[], str]):
+        self.token = token
 
     async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(_with_token(client_call_details, self.header), request)
+        return await continuation(_with_token(client_call_details, self.token), request)
 
 
 class _StreamUnaryToken(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, header: tuple[str, str]):
-        self.header = header
+    def __init__(self, token: Callable[[], str]):
+        self.token = token
 
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return await continuation(_with_token(client_call_details, self.header), request_iterator)
+        return await continuation(_with_token(client_call_details, self.token), request_iterator)
 
 
 class _StreamStreamToken(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, header: tuple[str, str]):
-        self.header = header
+    def __init__(self, token: Callable[[], str]):
+        self.token = token
 
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return await continuation(_with_token(client_call_details, self.header), request_iterator)
+        return await continuation(_with_token(client_call_details, self.token), request_iterator)
 
 
-def token_interceptors(token: str) -> list:
-    """Client interceptors adding ``authorization: Bearer <token>`` to every call of an aio channel."""
-    header = ("authorization", f"Bearer {token}")
-    return [kind(header) for kind in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)]
+def token_interceptors(token: Callable[[], str]) -> list:
+    """Client interceptors adding ``authorization: Bearer <token()>`` to every call of an aio channel."""
+    return [kind(token) for kind in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)]
 
 
 @dataclass(frozen=True)
 class ClientAuth:
-    """What a client presents: a token per peer role and the TLS files; loaded once."""
+    """What a client presents: a token per peer role (a file followed as it changes, or a fixed string) and the TLS
+    files."""
 
-    tokens: dict[str, str] = field(default_factory=dict)
+    tokens: dict[str, TokenFile | str] = field(default_factory=dict)
     tls: TlsConfig = field(default_factory=TlsConfig)
 
     @classmethod
@@ -272,10 +313,16 @@ class ClientAuth:
         if config is None:
             return cls()
         tokens = {
-            role: read_tokens(path, f"auth.peer_token_files.{role}")[0]
-            for role, path in config.peer_token_files.items()
+            role: TokenFile(path, f"auth.peer_token_files.{role}") for role, path in config.peer_token_files.items()
         }
         return cls(tokens, config.tls)
+
+    def token(self, role: str) -> str | None:
+        """The token presented to ``role`` now (the first line of its file), None when there is none."""
+        source = self.tokens.get(role)
+        if source is None or isinstance(source, str):
+            return source
+        return source.current()[0]
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """TLS when a CA is configured (the client's certificate too, for servers that require one)."""
@@ -293,13 +340,12 @@ class ClientAuth:
     def open_channel(self, address: str, role: str, options: list | None = None) -> grpc.aio.Channel:
         """An aio channel to ``role``'s service at ``address``: TLS when configured, its token on every call."""
         options = [*(options or []), *self.channel_options()]
-        token = self.tokens.get(role)
-        interceptors = token_interceptors(token) if token else None
+        interceptors = token_interceptors(lambda: self.token(role)) if self.token(role) else None
         credentials = self.channel_credentials()
         if credentials is not None:
             return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
     def http_headers(self, role: str) -> dict[str, str]:
-        token = self.tokens.get(role)
+        token = self.token(role)
         return {"Authorization": f"Bearer {token}"} if token else {}

@@ -308,3 +308,41 @@ def _ssl_context(ca: str, cert: tuple[str, str] | None = None):
     if cert is not None:
         context.load_cert_chain(*cert)
     return context
+
+
+async def test_a_token_rotated_in_place_takes_effect_without_a_restart(tiny_policy_dir, tmp_path, caplog):
+    """The server's token file and the client's peer token file change (as a Kubernetes Secret update swaps the
+    mounted files): old and new accepted while both are listed, then only the new one; a broken file is logged and
+    the tokens before it stay in use."""
+    import os
+
+    from shared.auth import AuthConfig, TokenFile
+
+    old, new = "old-token-" + secrets.token_hex(8), "new-token-" + secrets.token_hex(8)
+    server_file, client_file = tmp_path / "server-tokens", tmp_path / "client-token"
+    server_file.write_text(old + "\n")
+    client_file.write_text(old + "\n")
+    config = role_config("reward", tiny_policy_dir, {"token_file": str(server_file)}, tmp_path)
+    async with serving("reward", config) as server:
+        server.auth.token_file.recheck_s = 0  # look at the file on every call (5 s in service)
+        client = ClientAuth.load(AuthConfig(peer_token_files={"reward": str(client_file)}))
+        client.tokens["reward"].recheck_s = 0
+
+        def rewrite(path, text: str) -> None:  # a new file swapped in, as kubelet does (new inode, new mtime)
+            staged = path.with_suffix(".new")
+            staged.write_text(text)
+            os.replace(staged, path)
+
+        async def accepted(token: str) -> bool:
+            return server.auth.accepts(f"Bearer {token}")
+
+        assert (await _score(client, server.port)).scores and await accepted(old) and not await accepted(new)
+        rewrite(server_file, f"{old}\n{new}\n")  # step 1: the server accepts both
+        assert await accepted(old) and await accepted(new)
+        rewrite(client_file, new + "\n")  # step 2: the client presents the new one, same channel code path
+        assert client.token("reward") == new and (await _score(client, server.port)).scores
+        rewrite(server_file, new + "\n")  # step 3: the old one is gone
+        assert not await accepted(old) and (await _score(client, server.port)).scores
+        rewrite(server_file, "REPLACE-ME\n")  # a broken update: refused, the tokens before stay
+        assert await accepted(new) and "cannot be used" in caplog.text
+    assert TokenFile(str(client_file), "x").current() == (new,)
