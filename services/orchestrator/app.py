@@ -68,8 +68,9 @@ class Run:
         return self.document.state
 
     async def set_state(self, state: RunState, **changes) -> None:
-        await self.document.save(state=state.value, **changes)
+        # The gauge first: the document is visible to GET /runs as soon as save() changes it, before its write ends.
         publish_state(self.run_id, state)
+        await self.document.save(state=state.value, **changes)
 
 
 def publish_state(run_id: str, state: RunState) -> None:
