@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo: {exc}", file=sys.stderr)
             return 1
         run = {
-            "dataset": str(assets / "prompts.jsonl"),
+            "dataset": str((assets / "prompts.jsonl").resolve()),
             "iterations": args.iterations,
             "prompts_per_iteration": args.prompts_per_iteration,
             "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0},

@@ -183,7 +183,8 @@ def follow_run(api: str, run: dict, quiet: bool = False) -> dict:
 
     with httpx.Client(base_url=api, timeout=30) as client:
         response = client.post("/runs", json=run)
-        response.raise_for_status()
+        if response.is_error:  # the API says what it refused (a field, a path outside its roots)
+            raise RuntimeError(f"POST /runs answered {response.status_code}: {response.text}")
         run_id = response.json()["run_id"]
         if not quiet:
             print(f"run {run_id}: {run['iterations']} PPO iterations x {run['prompts_per_iteration']} prompts")
