@@ -72,7 +72,8 @@ class HttpServer:
                 raise OSError(f"HTTP server on {self.host} stopped during start-up")
             await asyncio.sleep(0.01)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        log.info("HTTP on %s:%d", self.host, self.port)
+        scheme = "https" if self.server.config.ssl_certfile else "http"
+        log.info("%s on %s://%s:%d", getattr(self.server.config.app, "title", "HTTP"), scheme, self.host, self.port)
         return self.port
 
     async def stop(self) -> None:

@@ -27,7 +27,7 @@ from services.orchestrator.dataset import DatasetError, load_prompts
 from services.orchestrator.loop import IterationRecord, RLHFLoop
 from services.orchestrator.metrics import waiting_for
 from services.orchestrator.runs import ACTIVE, RunDocument, RunState
-from shared.auth import ClientAuth, ServerAuth, uvicorn_tls_options
+from shared.auth import ClientAuth, ServerAuth
 from shared.errors import InvalidInput
 from shared.http import install_error_handlers
 from shared.http import protected as protected_routes
@@ -285,9 +285,8 @@ def create_app(
 
 def run_orchestrator(args) -> None:
     """``rlhf orchestrator``: serves the control API; with ``--start``, starts a run from the config at once."""
-    import uvicorn
-
     from shared.config import config_from_args
+    from shared.http import HttpServer
     from shared.logs import setup_logging
 
     config = config_from_args(OrchestratorConfig, args)
@@ -308,23 +307,14 @@ def run_orchestrator(args) -> None:
         )
 
     app = create_app(config, on_iteration=progress)
-    tls = uvicorn_tls_options(config.auth.tls)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.api.host, port=config.api.port, log_level="warning", **tls))
+    server = HttpServer(app, config.api.host, config.api.port, app.state.server_auth)
 
     async def main() -> None:
+        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # graceful: the lifespan stops the run, then uvicorn exits
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-        # Ours above, not uvicorn's: uvicorn re-raises the signal after its graceful exit, so the exit code is -15.
-        server.capture_signals = contextlib.nullcontext
-        serving = asyncio.create_task(server.serve())
-        while not server.started:
-            if serving.done():
-                await serving
-                return
-            await asyncio.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        log.info("control API on %s://%s:%d", "https" if tls else "http", config.api.host, port)
+            loop.add_signal_handler(sig, stop.set)
+        port = await server.start()
         if args.start:  # unless that run is in the store already (resumed, or finished)
             known = config.run.run_id and await asyncio.to_thread(app.state.store.get_run, config.run.run_id)
             if known:
@@ -335,6 +325,7 @@ def run_orchestrator(args) -> None:
             tmp = Path(str(args.ready_file) + ".tmp")
             tmp.write_text(json.dumps({"port": port}))
             os.replace(tmp, args.ready_file)
-        await serving
+        await stop.wait()
+        await server.stop()
 
     asyncio.run(main())

@@ -729,7 +729,6 @@ def make_deploy(state: Path, overlay: str) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_deploy_creates_random_tokens_once_and_never_shows_them(tmp_path):
     output = make_deploy(tmp_path, "gpu-tls")
     calls = (tmp_path / "calls").read_text().splitlines()
