@@ -34,8 +34,9 @@ $(GEN_STAMP): $(PROTOS) $(VENV_STAMP)
 
 proto: $(GEN_STAMP)
 
-# Debian packages the tests use for real: Prometheus (the dashboard's queries are evaluated by a real server) and
-# Redis (the run store's tests start their own redis-server).
+# Debian packages the tests use for real: Prometheus (the dashboard's queries are evaluated by a real server), Redis
+# (the run store's tests start their own redis-server) and Chromium (the labelling app's browser tests drive it with
+# Playwright, which cannot download its own browser here).
 system-deps:
 	@command -v prometheus >/dev/null || { \
 		echo "installing prometheus (apt)"; \
@@ -43,6 +44,9 @@ system-deps:
 	@command -v redis-server >/dev/null || { \
 		echo "installing redis-server (apt)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
+	@command -v chromium >/dev/null || { \
+		echo "installing chromium (apt)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 # The whole pipeline on the built-in task: pretrain, SFT, preferences, reward model, PPO (with and without the KL
 # penalty) through the services, DPO, evaluation; writes runs/<run-id>/report.md and summary.json.

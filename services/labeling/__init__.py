@@ -1,5 +1,14 @@
-"""Preference labelling: who compares two responses to a prompt (a simulated labeller today, a web UI later)."""
+"""Preference labelling: who compares responses to a prompt (people in the labelling app, a simulated labeller, AI
+judges), behind one ``Labeler`` interface."""
 
-from services.labeling.labelers import Choice, Comparison, Labeler, SimulatedLabeler, preference_rows
+from services.labeling.labelers import (
+    DECIDED,
+    Choice,
+    Comparison,
+    Labeler,
+    SimulatedLabeler,
+    Verdict,
+    preference_rows,
+)
 
-__all__ = ["Choice", "Comparison", "Labeler", "SimulatedLabeler", "preference_rows"]
+__all__ = ["DECIDED", "Choice", "Comparison", "Labeler", "SimulatedLabeler", "Verdict", "preference_rows"]

@@ -1,8 +1,11 @@
-"""The labelling interface (``Labeler``) and a simulated labeller that answers like a noisy person.
+"""The labelling interface (``Labeler``), its verdicts, and a simulated labeller that answers like a noisy person.
 
-A labeller sees comparisons (a prompt and two responses) and says which response is better. Its answers become
-preference rows ``{"prompt", "chosen", "rejected"}``, the format the reward-model job trains on
-(``services/training/reward.py``).
+A labeller sees comparisons (a prompt and two responses) and gives one ``Verdict`` per comparison: A better, B
+better, a tie, or both bad, with, for AI judges, the probability that A is better (a soft label). Verdicts become
+preference rows ``{"prompt", "chosen", "rejected"}`` (plus ``"chosen_probability"`` for a soft label), the format the
+reward-model job and DPO train on (``services/training/reward.py``). Every labeller (human through the labelling
+app's queue, simulated, an AI judge) implements the same ``Labeler`` protocol, so the pipeline and ``rlhf iterate``
+pick one by config and treat them alike.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from typing import Protocol, runtime_checkable
 class Choice(enum.StrEnum):
     A = "a"  # response_a is better
     B = "b"  # response_b is better
+    TIE = "tie"  # equally good: no preference row (documented in the README's labelling section)
+    BOTH_BAD = "both_bad"  # neither is acceptable: no preference row
+
+
+DECIDED = (Choice.A, Choice.B)
 
 
 @dataclass(frozen=True)
@@ -27,10 +35,26 @@ class Comparison:
     response_b: str
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """One labeller's answer to one comparison."""
+
+    choice: Choice
+    probability_a: float | None = None  # P(response_a is better) when the labeller has one (AI judges); else None
+    labeler: str = ""  # who answered: "simulated", "human:<annotator>", "reward-judge", "llm-judge", ...
+    comment: str = ""
+
+    def __post_init__(self):
+        if self.probability_a is not None and not 0.0 <= self.probability_a <= 1.0:
+            raise ValueError(f"probability_a must lie in [0, 1], got {self.probability_a}")
+
+
 @runtime_checkable
 class Labeler(Protocol):
-    def label(self, comparisons: list[Comparison]) -> list[Choice]:
-        """One choice per comparison, in order."""
+    name: str
+
+    async def label(self, comparisons: list[Comparison]) -> list[Verdict]:
+        """One verdict per comparison, in order. A human labeller may take hours; an AI judge calls services."""
         ...
 
 
@@ -51,6 +75,8 @@ class SimulatedLabeler:
     continue one random stream, so a labeller built with the same seed gives the same answers to the same questions.
     """
 
+    name = "simulated"
+
     def __init__(self, gold: Callable[[str, str], float], seed: int, temperature: float = 1.0):
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -69,21 +95,35 @@ class SimulatedLabeler:
             return 0.5 if margin == 0 else float(margin > 0)
         return _sigmoid(margin / self.temperature)
 
-    def label(self, comparisons: list[Comparison]) -> list[Choice]:
+    def choose(self, comparisons: list[Comparison]) -> list[Choice]:
         return [Choice.A if self.rng.random() < self.probability_a(c) else Choice.B for c in comparisons]
 
+    async def label(self, comparisons: list[Comparison]) -> list[Verdict]:
+        return [Verdict(choice, labeler=self.name) for choice in self.choose(comparisons)]
 
-def preference_rows(comparisons: list[Comparison], choices: list[Choice]) -> list[dict]:
-    """``[{"prompt", "chosen", "rejected"}]``: one preference row per labelled comparison, in order."""
-    if len(comparisons) != len(choices):
-        raise ValueError(f"{len(comparisons)} comparisons but {len(choices)} choices")
+
+def preference_rows(comparisons: list[Comparison], verdicts: list[Verdict | Choice]) -> list[dict]:
+    """``[{"prompt", "chosen", "rejected"}]``: one preference row per decided comparison, in order.
+
+    A tie or "both bad" gives no row (a Bradley-Terry pair needs a winner). A verdict with a probability adds
+    ``"chosen_probability"``: P(chosen is better), at least 0.5, which the reward job uses as a soft target.
+    """
+    if len(comparisons) != len(verdicts):
+        raise ValueError(f"{len(comparisons)} comparisons but {len(verdicts)} verdicts")
     rows = []
-    for comparison, choice in zip(comparisons, choices, strict=True):
-        better_a = Choice(choice) is Choice.A
+    for comparison, verdict in zip(comparisons, verdicts, strict=True):
+        if not isinstance(verdict, Verdict):
+            verdict = Verdict(Choice(verdict))
+        if verdict.choice not in DECIDED:
+            continue
+        better_a = verdict.choice is Choice.A
         chosen, rejected = (
             (comparison.response_a, comparison.response_b)
             if better_a
             else (comparison.response_b, comparison.response_a)
         )
-        rows.append({"prompt": comparison.prompt, "chosen": chosen, "rejected": rejected})
+        row = {"prompt": comparison.prompt, "chosen": chosen, "rejected": rejected}
+        if verdict.probability_a is not None:
+            row["chosen_probability"] = verdict.probability_a if better_a else 1.0 - verdict.probability_a
+        rows.append(row)
     return rows

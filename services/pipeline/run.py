@@ -84,9 +84,9 @@ class Pipeline:
 
         t = common.stage("5/7 PPO through the services")
         policies = {"base": base, "sft": sft}
-        policies["ppo"] = self.ppo(sft, reward_model, train_prompts, "ppo", with_kl=True)
+        policies["ppo"] = self.ppo(sft, sft, reward_model, train_prompts, "ppo", with_kl=True)
         if config.ppo.without_kl:
-            policies["ppo_no_kl"] = self.ppo(sft, reward_model, train_prompts, "ppo_no_kl", with_kl=False)
+            policies["ppo_no_kl"] = self.ppo(sft, sft, reward_model, train_prompts, "ppo_no_kl", with_kl=False)
         self.seconds["ppo"] = time.perf_counter() - t
 
         t = common.stage("6/7 DPO from the same preferences")
@@ -139,18 +139,9 @@ class Pipeline:
         stage = self.config.preferences
         prompts = train_prompts[: stage.prompts]
         texts_all = self.sample_candidates(sft, prompts)
-        k = stage.samples_per_prompt
         labeler = SimulatedLabeler(task.gold_reward, seed=self.config.seed, temperature=stage.labeler_temperature)
-        comparisons = []
-        for i, prompt in enumerate(prompts):  # every pair of a prompt's K candidates, compared by the labeler
-            texts = texts_all[i * k : (i + 1) * k]
-            comparisons.extend(
-                Comparison(prompt, texts[a], texts[b])
-                for a in range(k)
-                for b in range(a + 1, k)
-                if texts[a] != texts[b]
-            )
-        rows = preference_rows(comparisons, labeler.label(comparisons))
+        comparisons = all_pairs(prompts, texts_all, stage.samples_per_prompt)
+        rows = preference_rows(comparisons, labeler.choose(comparisons))
         differences = [
             task.gold_reward(r["prompt"], r["chosen"]) - task.gold_reward(r["prompt"], r["rejected"]) for r in rows
         ]
@@ -168,9 +159,12 @@ class Pipeline:
         )
         return common.write_jsonl(self.root / "data" / "preferences.jsonl", rows)
 
-    def sample_candidates(self, sft: Path, prompts: list[str]) -> list[str]:
-        """``samples_per_prompt`` candidates per prompt, prompt-major: from a generation service started on the SFT
-        model, or from the TGI server of ``preferences.tgi``."""
+    def sample_candidates(
+        self, policy: Path, prompts: list[str], name: str = "preferences", seed: int = 0
+    ) -> list[str]:
+        """``samples_per_prompt`` candidates per prompt, prompt-major: from a generation service started on
+        ``policy``, or from the TGI server of ``preferences.tgi``. ``seed`` is added to the run's seed (a round of
+        ``rlhf iterate`` samples with its own)."""
         stage = self.config.preferences
         with contextlib.ExitStack() as stack:
             if stage.source is CandidateSource.TGI:
@@ -178,9 +172,9 @@ class Pipeline:
                 def client() -> GenerationClient:
                     return TgiGeneration(stage.tgi, ClientAuth.load(stage.auth))
             else:
-                launcher = stack.enter_context(Launcher(self.root / "processes" / "preferences"))
+                launcher = stack.enter_context(Launcher(self.root / "processes" / name))
                 generation = launcher.start(
-                    "generation", ["serve", "generation"], {"server": {"port": 0}, "model": self.model(sft)}
+                    "generation", ["serve", "generation"], {"server": {"port": 0}, "model": self.model(policy)}
                 )
                 generation.wait_ready(180)
 
@@ -196,7 +190,7 @@ class Pipeline:
                         params = SamplingParams(
                             max_new_tokens=stage.max_new_tokens,
                             temperature=stage.temperature,
-                            seed=self.config.seed + start,
+                            seed=self.config.seed + seed + start,
                             samples_per_prompt=stage.samples_per_prompt,
                         )
                         texts.extend((await generation_client.generate(prompts[start : start + 128], params)).texts)
@@ -206,17 +200,28 @@ class Pipeline:
 
             return asyncio.run(sample())
 
-    def ppo(self, sft: Path, reward_model: Path, train_prompts: list[str], name: str, with_kl: bool) -> Path:
+    def ppo(
+        self,
+        policy: Path,
+        reference: Path,
+        reward_model: Path,
+        train_prompts: list[str],
+        name: str,
+        with_kl: bool,
+        seed: int = 0,
+    ) -> Path:
+        """PPO through the four services and the orchestrator, from ``policy`` with the KL penalty to
+        ``reference``; returns the final policy's checkpoint. ``seed`` is added to the run's seed."""
         stage = self.config.ppo
         ppo = json.loads(json.dumps(stage.ppo))
         if not with_kl:
             ppo["kl"] = {**ppo.get("kl", {}), "mode": "fixed", "init_coef": 0.0}
-        model = self.model(sft)
+        model = self.model(policy)
         server = {"port": 0, "metrics_port": 0, "grace_seconds": 5}
         services = {
             "generation": {"server": server, "model": model},
             "reward": {"server": server, "model": self.model(reward_model)},
-            "reference": {"server": server, "model": model},
+            "reference": {"server": server, "model": self.model(reference)},
             "trainer": {
                 "server": server,
                 "policy": model,
@@ -224,7 +229,8 @@ class Pipeline:
                 "critic": {"init": "reward_model", "path": str(reward_model)},
             },
         }
-        dataset = common.write_jsonl(self.root / "data" / "ppo_prompts.jsonl", [{"prompt": p} for p in train_prompts])
+        prompts_file = "ppo_prompts.jsonl" if name in ("ppo", "ppo_no_kl") else f"{name}_prompts.jsonl"
+        dataset = common.write_jsonl(self.root / "data" / prompts_file, [{"prompt": p} for p in train_prompts])
         with Launcher(self.root / "processes" / name) as launcher:
             _, api = start_stack(launcher, services, root=self.root)
             status = follow_run(
@@ -236,7 +242,7 @@ class Pipeline:
                     "sampling": {"max_new_tokens": stage.max_new_tokens},
                     "runs_dir": str(self.root),
                     "run_id": name,
-                    "seed": self.config.seed,
+                    "seed": self.config.seed + seed,
                     "checkpoint_at_end": True,
                     "record_rollouts": True,
                 },
@@ -249,6 +255,18 @@ class Pipeline:
     def summary(self, evaluations) -> dict:
         task_text = "sentence continuation scored by a hidden gold reward (services/pipeline/task.py)"
         return common.summary(self.run_id, task_text, self.results, self.seconds, evaluations, self.config)
+
+
+def all_pairs(prompts: list[str], texts: list[str], samples_per_prompt: int) -> list[Comparison]:
+    """Every pair of each prompt's K candidates (``texts`` prompt-major), identical texts left out."""
+    k = samples_per_prompt
+    comparisons = []
+    for i, prompt in enumerate(prompts):
+        group = texts[i * k : (i + 1) * k]
+        comparisons.extend(
+            Comparison(prompt, group[a], group[b]) for a in range(k) for b in range(a + 1, k) if group[a] != group[b]
+        )
+    return comparisons
 
 
 def run_pipeline(config: PipelineConfig) -> dict:

@@ -51,6 +51,12 @@ class DPOJobConfig(StrictModel):
     data: str = Field(description="JSONL, JSON or Parquet file of preference or ranking rows")
     output_dir: str = Field(description="where the trained policy, tokenizer and training_summary.json go")
     beta: float = Field(0.1, gt=0, description="DPO temperature: the strength of the implicit KL to the reference")
+    nll_coef: float = Field(
+        0.0,
+        ge=0,
+        description="RPO (Pang et al. 2024): add nll_coef * the chosen response's negative log-likelihood per token, "
+        "which keeps DPO from pushing the chosen responses' probability down with the rejected ones",
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -147,18 +153,27 @@ def attach_reference_logps(
 
 
 def pair_losses(
-    groups: list[PromptGroup], policy_logps: list[torch.Tensor], beta: float
+    groups: list[PromptGroup], policy_logps: list[torch.Tensor], beta: float, nll_coef: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO loss and implicit rewards of every pair of ``groups``: three (P,) tensors (see shared.losses.dpo_loss)."""
+    """DPO loss and implicit rewards of every pair of ``groups``: three (P,) tensors (see shared.losses.dpo_loss).
+
+    With ``nll_coef`` = alpha > 0 each pair's loss is the RPO loss (Pang et al. 2024, "Iterative Reasoning Preference
+    Optimization", eq. 1): ``dpo_loss - alpha * log pi(y_w | x) / |y_w|``, |y_w| the chosen response's tokens.
+    """
     device = policy_logps[0].device
 
     def pick(values: list[torch.Tensor], side: int) -> torch.Tensor:
         return torch.cat([v.to(device)[[pair[side] for pair in g.pairs]] for v, g in zip(values, groups, strict=True)])
 
     reference_logps = [group.reference_logps for group in groups]
-    return dpo_loss(
-        pick(policy_logps, 0), pick(policy_logps, 1), pick(reference_logps, 0), pick(reference_logps, 1), beta
+    chosen_logps = pick(policy_logps, 0)
+    loss, chosen_rewards, rejected_rewards = dpo_loss(
+        chosen_logps, pick(policy_logps, 1), pick(reference_logps, 0), pick(reference_logps, 1), beta
     )
+    if nll_coef > 0:
+        lengths = [torch.tensor([float(ids.numel()) for ids in g.response_ids]) for g in groups]
+        loss = loss - nll_coef * chosen_logps.float() / pick(lengths, 0)
+    return loss, chosen_rewards, rejected_rewards
 
 
 def reward_stats(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
@@ -227,7 +242,7 @@ def run_dpo(config: DPOJobConfig) -> dict:
 
     def loss_fn(micro_batch: list[PromptGroup]) -> tuple[torch.Tensor, dict[str, float]]:
         loss, chosen_rewards, rejected_rewards = pair_losses(
-            micro_batch, group_logps(model, micro_batch, pad_token_id), config.beta
+            micro_batch, group_logps(model, micro_batch, pad_token_id), config.beta, config.nll_coef
         )
         return loss.sum(), reward_stats(chosen_rewards, rejected_rewards)
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from services.generation.backend import GenerationBackend
 from services.generation.config import GenerationConfig
 from services.training.common import encode_pair, save_atomically
-from services.training.dpo import DPOJobConfig, group_by_prompt, load_groups, run_dpo
+from services.training.dpo import DPOJobConfig, PromptGroup, group_by_prompt, load_groups, pair_losses, run_dpo
 from services.training.sft import SFTJobConfig, batch_loss, encode_conversation, load_examples, run_sft
 from shared.modeling import ModelConfig, load_tokenizer
 from shared.tiny_models import CHAT_TEMPLATE, NEGATIVE_WORDS, POSITIVE_WORDS, corpus, prompts
@@ -356,3 +356,30 @@ def test_save_atomically_replaces_whole_or_not_at_all(tiny_policy_dir, tmp_path,
         save_atomically(model, tokenizer, out, {"note.txt": "second"})
     assert (out / "note.txt").read_text() == "first"  # the previous checkpoint is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # and no staging directory is left
+
+
+def test_rpo_adds_the_chosen_responses_nll_per_token():
+    """pair_losses with nll_coef = alpha: dpo loss - alpha * log pi(y_w | x) / |y_w| per pair (Pang et al. 2024)."""
+    group = PromptGroup(
+        "p",
+        ["w", "l", "m"],
+        [(0, 1), (0, 2), (2, 1)],
+        response_ids=[
+            torch.ones(4, dtype=torch.int64),
+            torch.ones(2, dtype=torch.int64),
+            torch.ones(5, dtype=torch.int64),
+        ],
+        reference_logps=torch.tensor([-3.0, -2.0, -6.0]),
+    )
+    policy = torch.tensor([-2.0, -3.0, -5.5])
+    beta, alpha = 0.5, 0.7
+    plain, chosen_rewards, rejected_rewards = pair_losses([group], [policy], beta)
+    with_nll, chosen_same, rejected_same = pair_losses([group], [policy], beta, nll_coef=alpha)
+    winners, losers = [0, 0, 2], [1, 2, 1]
+    for i, (w, lose) in enumerate(zip(winners, losers, strict=True)):
+        margin = beta * ((policy[w] - group.reference_logps[w]) - (policy[lose] - group.reference_logps[lose]))
+        expected_dpo = -math.log(1 / (1 + math.exp(-float(margin))))
+        length = group.response_ids[w].numel()
+        assert plain[i].item() == pytest.approx(expected_dpo, rel=1e-6)
+        assert with_nll[i].item() == pytest.approx(expected_dpo - alpha * float(policy[w]) / length, rel=1e-6)
+    assert torch.equal(chosen_rewards, chosen_same) and torch.equal(rejected_rewards, rejected_same)
