@@ -48,16 +48,29 @@ def sft_loss_sum(
     return torch.where(mask, token_loss, zero).sum(), mask.sum().to(torch.float32)
 
 
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, target: torch.Tensor | float | None = None
+) -> torch.Tensor:
     """Pairwise reward-model loss (InstructGPT eq. 1, a Bradley-Terry likelihood), one value per pair.
 
-    ``loss = -log sigmoid(r_w - r_l) = softplus(-(r_w - r_l))``; ``log 2`` at margin 0, -> 0 as the margin grows.
+    With margin ``m = r_w - r_l``:
 
-    Shapes: ``(P,)``, ``(P,)`` -> ``(P,)`` float32. ``logsigmoid`` keeps it finite for any margin (a naive
-    ``log(sigmoid(x))`` gives ``-inf`` for ``x < -104`` in float32).
+    * hard labels (``target`` None): ``loss = -log sigmoid(m) = softplus(-m)``; ``log 2`` at margin 0, -> 0 as the
+      margin grows;
+    * soft labels: ``target`` p = P(chosen is better), e.g. an AI judge's probability, and the loss is the binary
+      cross-entropy of the Bradley-Terry probability ``sigmoid(m)`` against it,
+      ``loss = -(p log sigmoid(m) + (1 - p) log sigmoid(-m))``, minimal at ``sigmoid(m) = p``
+      (``m = log(p / (1 - p))``); p = 1 is the hard loss exactly, p = 0.5 pulls the margin towards 0, and
+      p < 0.5 says the label leans towards the rejected response.
+
+    Shapes: ``(P,)``, ``(P,)``, target ``(P,)`` or a scalar, in [0, 1] -> ``(P,)`` float32. ``logsigmoid`` keeps it
+    finite for any margin (a naive ``log(sigmoid(x))`` gives ``-inf`` for ``x < -104`` in float32).
     """
     margin = chosen_rewards.float() - rejected_rewards.float()
-    return -F.logsigmoid(margin)
+    if target is None:
+        return -F.logsigmoid(margin)
+    p = torch.as_tensor(target, dtype=torch.float32, device=margin.device)
+    return -(p * F.logsigmoid(margin) + (1.0 - p) * F.logsigmoid(-margin))
 
 
 def dpo_loss(

@@ -58,7 +58,7 @@ class Labeler(Protocol):
         ...
 
 
-def _sigmoid(x: float) -> float:
+def sigmoid(x: float) -> float:
     # Two branches so that exp never overflows for large |x|.
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -93,7 +93,7 @@ class SimulatedLabeler:
         margin = gold_a - gold_b
         if self.temperature == 0:
             return 0.5 if margin == 0 else float(margin > 0)
-        return _sigmoid(margin / self.temperature)
+        return sigmoid(margin / self.temperature)
 
     def choose(self, comparisons: list[Comparison]) -> list[Choice]:
         return [Choice.A if self.rng.random() < self.probability_a(c) else Choice.B for c in comparisons]

@@ -91,7 +91,13 @@ class DPOStage(StrictModel):
         0.5,
         gt=0,
         description="0.5, not the paper's 0.1: at 0.1 this task's DPO drifted 8-140 nats from SFT into long responses "
-        "without EOS on 4 of 5 seeds (README, 'Results hold over seeds')",
+        "without EOS on 4 of 5 seeds (README, 'Results over seeds')",
+    )
+    nll_coef: float = Field(
+        0.2,
+        ge=0,
+        description="RPO's NLL term on the chosen responses (DPOJobConfig.nll_coef): without it, beta 0.5 still "
+        "drifted 12-25 nats on 2 of 5 seeds of the reduced config",
     )
     optim: OptimConfig = Field(
         default_factory=lambda: _optim(

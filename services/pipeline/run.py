@@ -97,6 +97,7 @@ class Pipeline:
                 data=str(preferences),
                 output_dir=str(self.root / "dpo"),
                 beta=config.dpo.beta,
+                nll_coef=config.dpo.nll_coef,
                 optim=config.dpo.optim,
             )
         )

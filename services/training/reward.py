@@ -7,6 +7,13 @@ ranking of K responses gives all C(K, 2) pairs, and every pair of one prompt goe
 response is then scored once per step, and the comparisons of a prompt (which are correlated) do not each take a
 separate gradient step, which InstructGPT found to overfit.
 
+A preference row may carry a soft label, ``"chosen_probability"``: P(chosen is better), e.g. an AI judge's
+(``services.labeling``). Its pair is then trained with the binary cross-entropy against that probability
+(``shared.losses.bradley_terry_loss`` with a target) instead of the hard Bradley-Terry loss; a row without it is a
+hard label (probability 1). Any number in [0, 1] is accepted: below 0.5 the label leans towards ``rejected`` (the
+loss pulls the margin negative, and pair accuracy counts the pair right when the model prefers ``rejected``).
+Labellers write at least 0.5 (``preference_rows`` puts the preferred response in ``chosen``).
+
 After training, the mean and std of the reward over the training texts are written beside the model
 (``reward_normalization.json``); the reward service uses them to serve centred scores.
 """
@@ -14,6 +21,7 @@ After training, the mean and std of the reward over the training texts are writt
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +64,8 @@ class RewardJobConfig(StrictModel):
     data: str = Field(
         min_length=1,
         description="JSONL/JSON/Parquet preference data: rows {prompt, chosen, rejected} or "
-        "{prompt, responses: [best, ..., worst]}",
+        "{prompt, responses: [best, ..., worst]}; a preference row may add chosen_probability in [0, 1] "
+        "(a soft label)",
     )
     output_dir: str = Field(min_length=1, description="where the reward model, its tokenizer and statistics go")
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -64,11 +73,13 @@ class RewardJobConfig(StrictModel):
 
 @dataclass
 class PromptGroup:
-    """Every comparison of one prompt: its distinct responses, and (winner, loser) index pairs into them."""
+    """Every comparison of one prompt: its distinct responses, (winner, loser) index pairs into them, and per pair
+    the probability that the winner is better (1 for a hard label, a row's chosen_probability for a soft one)."""
 
     prompt: str
     responses: list[str] = field(default_factory=list)
     pairs: list[tuple[int, int]] = field(default_factory=list)
+    targets: list[float] = field(default_factory=list)  # one per pair
 
 
 def read_groups(path: Path | str) -> list[PromptGroup]:
@@ -76,7 +87,8 @@ def read_groups(path: Path | str) -> list[PromptGroup]:
 
     ``{"prompt", "chosen", "rejected"}`` gives one pair; ``{"prompt", "responses": [best, ..., worst]}`` gives the
     C(K, 2) pairs of the ranking. Rows with the same prompt join one group, and a response that appears in several
-    rows is scored once. A bad row raises ``DataError`` naming ``file:line`` and the field.
+    rows is scored once. A preference row's optional ``"chosen_probability"`` (a number in [0, 1]) is its pair's
+    target; every other pair's is 1. A bad row raises ``DataError`` naming ``file:line`` and the field.
     """
     rows = read_rows(path)
     if not rows:
@@ -84,7 +96,13 @@ def read_groups(path: Path | str) -> list[PromptGroup]:
     groups: dict[str, PromptGroup] = {}
     for index, row in enumerate(rows):
         prompt = require_text(path, index, row, "prompt")
+        target = chosen_probability(path, index, row)
         if row.get("responses") is not None:
+            if target is not None:
+                raise DataError(
+                    f"{row_location(path, index)}: 'chosen_probability' applies to chosen/rejected rows, "
+                    "not to a ranking ('responses')"
+                )
             ranking = row["responses"]
             if not (isinstance(ranking, list) and len(ranking) >= 2 and all(isinstance(r, str) for r in ranking)):
                 raise DataError(
@@ -105,8 +123,23 @@ def read_groups(path: Path | str) -> list[PromptGroup]:
             if response not in group.responses:
                 group.responses.append(response)
             positions.append(group.responses.index(response))
-        group.pairs.extend((positions[winner], positions[loser]) for winner, loser in ranking_pairs(ranking))
+        pairs = [(positions[winner], positions[loser]) for winner, loser in ranking_pairs(ranking)]
+        group.pairs.extend(pairs)
+        group.targets.extend([1.0 if target is None else target] * len(pairs))
     return list(groups.values())
+
+
+def chosen_probability(path: Path | str, index: int, row: dict) -> float | None:
+    """A row's soft label: None when absent (or null), else a finite number in [0, 1]; DataError otherwise."""
+    value = row.get("chosen_probability")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and 0 <= value <= 1):
+        raise DataError(
+            f"{row_location(path, index)}: 'chosen_probability' must be a number in [0, 1] "
+            f"(P(chosen is better)), got {value!r}"
+        )
+    return float(value)
 
 
 def flatten(groups: list[PromptGroup]) -> tuple[list[tuple[str, str]], torch.Tensor, torch.Tensor]:
@@ -124,8 +157,20 @@ def flatten(groups: list[PromptGroup]) -> tuple[list[tuple[str, str]], torch.Ten
     return texts, torch.tensor(winners, dtype=torch.int64), torch.tensor(losers, dtype=torch.int64)
 
 
+def flatten_targets(groups: list[PromptGroup]) -> torch.Tensor:
+    """(P,) float32: each pair's P(winner is better), in the pair order of ``flatten``."""
+    return torch.tensor([target for group in groups for target in group.targets], dtype=torch.float32)
+
+
 def count_pairs(groups: list[PromptGroup]) -> int:
     return sum(len(group.pairs) for group in groups)
+
+
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, targets: torch.Tensor) -> float:
+    """Share of pairs where the model leans the label's way: r_chosen > r_rejected when the target is at least 0.5,
+    r_chosen < r_rejected below it. (P,) each -> float."""
+    agree = torch.where(targets >= 0.5, chosen > rejected, chosen < rejected)
+    return float(agree.float().mean())
 
 
 def run_reward(config: RewardJobConfig) -> dict:
@@ -147,10 +192,11 @@ def run_reward(config: RewardJobConfig) -> dict:
 
     def loss_fn(part: list[PromptGroup]) -> tuple[torch.Tensor, dict[str, float]]:
         texts, winners, losers = flatten(part)
+        targets = flatten_targets(part)  # (P,)
         rewards = reward_forward(model, tokenizer, texts, optim.max_length)  # (N,) each response once
         chosen, rejected = rewards[winners], rewards[losers]  # (P,), (P,)
-        accuracy = float((chosen > rejected).float().mean())
-        return bradley_terry_loss(chosen, rejected).sum(), {"pair_accuracy": accuracy}
+        loss = bradley_terry_loss(chosen, rejected, targets).sum()
+        return loss, {"pair_accuracy": pair_accuracy(chosen, rejected, targets)}
 
     def scores(part: list[PromptGroup]) -> torch.Tensor:
         """(N,) rewards of the texts of ``part`` in eval mode, as the service computes them."""
@@ -163,10 +209,11 @@ def run_reward(config: RewardJobConfig) -> dict:
     def evaluate() -> dict[str, float]:
         _, winners, losers = flatten(eval_groups)
         rewards = scores(eval_groups)
+        targets = flatten_targets(eval_groups)
         chosen, rejected = rewards[winners], rewards[losers]
         return {
-            "loss": float(bradley_terry_loss(chosen, rejected).mean()),
-            "pair_accuracy": float((chosen > rejected).float().mean()),
+            "loss": float(bradley_terry_loss(chosen, rejected, targets).mean()),
+            "pair_accuracy": pair_accuracy(chosen, rejected, targets),
         }
 
     has_eval = bool(eval_groups)
@@ -198,6 +245,7 @@ def run_reward(config: RewardJobConfig) -> dict:
         "pair_accuracy_first": before.get("pair_accuracy"),
         "pair_accuracy": after.get("pair_accuracy"),
         "pairs": count_pairs(train_groups),
+        "soft_pairs": sum(target != 1.0 for group in train_groups for target in group.targets),
         "eval_pairs": count_pairs(eval_groups),
         "evaluations": result["evaluations"],
         "normalization": normalization.model_dump(),

@@ -91,6 +91,55 @@ def test_bradley_terry_stable_for_large_margins():
     assert_close(chosen.grad, t([-1.0]))  # d/dr_w softplus(-(r_w - r_l)) = -sigmoid(-(margin)) -> -1
 
 
+def test_bradley_terry_soft_target_is_the_binary_cross_entropy():
+    """With a target p: -(p log sigmoid(m) + (1 - p) log sigmoid(-m)), by hand in float64."""
+    chosen, rejected = t([0.0, 1.0, 3.0, -2.0, 0.5]), t([0.0, 0.0, 1.0, 0.0, 0.5])
+    target = t([0.9, 0.75, 0.5, 0.6, 0.3])
+    loss = bradley_terry_loss(chosen, rejected, target)
+    sigmoid = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
+    expected = [
+        -(p * math.log(sigmoid(w - r)) + (1 - p) * math.log(sigmoid(r - w)))
+        for w, r, p in zip(chosen.tolist(), rejected.tolist(), target.tolist(), strict=True)
+    ]
+    assert loss.shape == (5,) and loss.dtype == torch.float32
+    assert_close(loss, t(expected))
+    assert_close(loss[0], t(LOG2))  # margin 0: log 2 whatever the target
+    # A scalar target broadcasts over the pairs.
+    assert_close(bradley_terry_loss(chosen, rejected, 0.75), bradley_terry_loss(chosen, rejected, t([0.75] * 5)))
+
+
+def test_bradley_terry_target_one_is_the_hard_loss_exactly():
+    chosen = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 30
+    rejected = torch.randn(64, generator=torch.Generator().manual_seed(1)) * 30
+    hard_chosen, soft_chosen = chosen.clone().requires_grad_(), chosen.clone().requires_grad_()
+    hard = bradley_terry_loss(hard_chosen, rejected)
+    soft = bradley_terry_loss(soft_chosen, rejected, torch.ones(64))
+    assert torch.equal(hard, soft)
+    hard.sum().backward()
+    soft.sum().backward()
+    assert torch.equal(hard_chosen.grad, soft_chosen.grad)
+
+
+def test_bradley_terry_soft_target_is_minimal_at_the_log_odds_and_symmetric():
+    """The loss is smallest where sigmoid(m) = p, and p for (chosen, rejected) equals 1 - p for the swapped pair."""
+    p = 0.8
+    margins = torch.linspace(-5, 5, 10001)
+    loss = bradley_terry_loss(margins, torch.zeros_like(margins), p)
+    assert abs(margins[loss.argmin()].item() - math.log(p / (1 - p))) < 2e-3
+    chosen, rejected = t([2.0, -1.0, 0.3]), t([0.5, 1.0, 0.3])
+    assert_close(bradley_terry_loss(chosen, rejected, p), bradley_terry_loss(rejected, chosen, 1 - p))
+    # The gradient with respect to the margin is sigmoid(m) - p: zero at the target probability.
+    margin = t([math.log(p / (1 - p)), 0.0]).requires_grad_()
+    bradley_terry_loss(margin, torch.zeros(2), p).sum().backward()
+    assert_close(margin.grad, t([0.0, 0.5 - p]), atol=1e-6, rtol=0)
+
+
+def test_bradley_terry_soft_target_stable_for_large_margins():
+    loss = bradley_terry_loss(t([1e4, -1e4]), t([-1e4, 1e4]), t([0.9, 0.9]))
+    assert torch.isfinite(loss).all()
+    assert_close(loss, t([0.1 * 2e4, 0.9 * 2e4]))
+
+
 # ----------------------------------------------------------------------------------------------------
 # DPO
 # ----------------------------------------------------------------------------------------------------

@@ -173,3 +173,88 @@ def test_bad_rows_name_file_line_and_field(tmp_path, bad_row, field):
     )
     with pytest.raises(DataError, match=f"{data}:4"):
         run_reward(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Soft labels (chosen_probability)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_soft_labels_reach_the_loss_and_train(tiny_reward_dir, tmp_path, monkeypatch):
+    """Rows with chosen_probability train with that target; rows without it (and rankings) with target 1."""
+    rows = [
+        {"prompt": f"prompt {i}", "chosen": f" good {i}", "rejected": f" bad {i}", "chosen_probability": p}
+        for i, p in enumerate([0.9, 0.75, 0.6, 0.5, 1.0, 0.35, 0.8, 0.7])
+    ]
+    rows += [{"prompt": f"prompt {i}", "chosen": f" fine {i}", "rejected": f" poor {i}"} for i in range(8, 12)]
+    rows += [{"prompt": "ranked", "responses": [" best", " middle", " worst"]}]
+    data = write_jsonl(tmp_path / "soft.jsonl", rows)
+    groups = read_groups(data)
+    expected = {g.prompt: g for g in groups}
+    assert expected["prompt 0"].targets == [0.9] and expected["prompt 9"].targets == [1.0]
+    assert expected["ranked"].targets == [1.0, 1.0, 1.0]
+
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    real_loss = reward_job.bradley_terry_loss
+
+    def recording_loss(chosen, rejected, target=None):
+        seen.append((chosen.detach(), target))
+        return real_loss(chosen, rejected, target)
+
+    monkeypatch.setattr(reward_job, "bradley_terry_loss", recording_loss)
+    config = RewardJobConfig.model_validate(
+        {
+            "model": {"path": str(tiny_reward_dir)},
+            "data": str(data),
+            "output_dir": str(tmp_path / "rm"),
+            "optim": {"learning_rate": 1e-3, "batch_size": 4, "micro_batch_size": 2, "eval_fraction": 0.25},
+        }
+    )
+    summary = run_reward(config)
+    train_groups, _ = split(groups, config.optim.eval_fraction, config.optim.seed)
+    assert summary["pairs"] == sum(len(g.pairs) for g in train_groups)
+    assert summary["soft_pairs"] == sum(t != 1.0 for g in train_groups for t in g.targets) > 0
+    assert all(torch.isfinite(torch.tensor(v)) for v in (summary["train_loss_first"], summary["train_loss_last"]))
+    # Every call got one target per pair, and over the run the soft values of the file arrived.
+    assert all(target is not None and target.shape == chosen.shape for chosen, target in seen)
+    delivered = {round(float(v), 6) for _, target in seen for v in target}
+    assert {0.9, 0.75, 0.6, 0.5, 0.35, 0.8, 0.7, 1.0} <= delivered
+
+
+SOFT_BAD_ROWS = [
+    {"prompt": "p", "chosen": " a", "rejected": " b", "chosen_probability": 1.5},
+    {"prompt": "p", "chosen": " a", "rejected": " b", "chosen_probability": -0.1},
+    {"prompt": "p", "chosen": " a", "rejected": " b", "chosen_probability": "0.9"},
+    {"prompt": "p", "chosen": " a", "rejected": " b", "chosen_probability": True},
+    {"prompt": "p", "chosen": " a", "rejected": " b", "chosen_probability": float("nan")},
+    {"prompt": "p", "responses": [" a", " b"], "chosen_probability": 0.8},
+]
+
+
+@pytest.mark.parametrize("bad_row", SOFT_BAD_ROWS, ids=["above-1", "negative", "string", "bool", "nan", "ranking"])
+def test_bad_chosen_probability_names_file_and_line(tmp_path, bad_row):
+    good = {"prompt": "p", "chosen": " good", "rejected": " bad", "chosen_probability": 0.7}
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n\n" + json.dumps(bad_row) + "\n")
+    with pytest.raises(DataError, match=f"{data}:4: 'chosen_probability'"):
+        read_groups(data)
+    config = RewardJobConfig.model_validate(
+        {"model": {"path": str(tmp_path / "no-model")}, "data": str(data), "output_dir": str(tmp_path / "rm")}
+    )
+    with pytest.raises(DataError, match=f"{data}:4"):
+        run_reward(config)
+
+
+def test_probability_below_one_half_leans_towards_rejected(tmp_path):
+    """A value below 0.5 is kept as it is (the label leans the other way); null is a hard label."""
+    data = write_jsonl(
+        tmp_path / "lean.jsonl",
+        [
+            {"prompt": "p", "chosen": " a", "rejected": " b", "chosen_probability": 0.2},
+            {"prompt": "q", "chosen": " a", "rejected": " b", "chosen_probability": None},
+            {"prompt": "r", "chosen": " a", "rejected": " b", "chosen_probability": 0},
+        ],
+    )
+    assert [g.targets for g in read_groups(data)] == [[0.2], [1.0], [0.0]]
+    chosen, rejected = torch.tensor([1.0, 1.0, -1.0]), torch.tensor([0.0, 0.0, 0.0])
+    assert reward_job.pair_accuracy(chosen, rejected, torch.tensor([0.2, 0.9, 0.0])) == pytest.approx(2 / 3)
