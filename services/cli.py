@@ -1,5 +1,6 @@
 """The ``rlhf`` command: ``rlhf serve generation|reward|reference|trainer``, ``rlhf orchestrator``,
-``rlhf train sft|reward|dpo``, ``rlhf pipeline`` and ``rlhf pipeline-real``.
+``rlhf train sft|reward|dpo``, ``rlhf pipeline``, ``rlhf iterate``, ``rlhf constitutional`` and
+``rlhf pipeline-real``.
 
 Each takes ``--config FILE`` (YAML) and one flag per config field (``--server.port 50051``) overriding it.
 """
@@ -83,6 +84,22 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         from services.pipeline.config import PipelineConfig
 
         add_config_flags(pipeline, PipelineConfig)
+    iterate = commands.add_parser(
+        "iterate", help="SFT, then rounds of: sample -> label -> reward model on all labels -> PPO -> evaluate"
+    )
+    iterate.add_argument("--log-level", default="WARNING")
+    if argv[:1] == ["iterate"]:
+        from services.pipeline.config import IterateConfig
+
+        add_config_flags(iterate, IterateConfig)
+    constitutional = commands.add_parser(
+        "constitutional", help="Constitutional AI: critique and revise responses -> preference pairs and SFT rows"
+    )
+    constitutional.add_argument("--log-level", default="INFO")
+    if argv[:1] == ["constitutional"]:
+        from services.labeling.constitutional import ConstitutionalJobConfig
+
+        add_config_flags(constitutional, ConstitutionalJobConfig)
     real = commands.add_parser(
         "pipeline-real", help="SmolLM2 + human ratings: pairs -> RM -> PPO (LoRA) -> evaluation against VADER"
     )
@@ -138,6 +155,20 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging("pipeline", args.log_level)
             summary = run_pipeline(config)
             print(f"\nreport: {Path(config.runs_dir) / summary['run_id'] / 'report.md'}")
+        elif args.command == "iterate":
+            from services.pipeline.config import IterateConfig
+            from services.pipeline.iterate import run_iterate
+
+            config = config_from_args(IterateConfig, args)
+            setup_logging("iterate", args.log_level)
+            summary = run_iterate(config)
+            print(f"\nreport: {Path(config.runs_dir) / summary['run_id'] / 'iterate_report.md'}")
+        elif args.command == "constitutional":
+            from services.labeling.constitutional import ConstitutionalJobConfig, run_constitutional_job
+
+            config = config_from_args(ConstitutionalJobConfig, args)
+            setup_logging("constitutional", args.log_level)
+            print(json.dumps(run_constitutional_job(config), indent=2))
         elif args.command == "pipeline-real":
             from services.pipeline.real import run_real_pipeline
             from services.pipeline.real_config import RealPipelineConfig

@@ -25,7 +25,10 @@ Deterministic for a seed: the same prompts, principles file, weights and replica
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import enum
+import json
 import logging
 import random
 import string
@@ -37,8 +40,9 @@ from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
 from services.orchestrator.clients import GenerationClient, GrpcGeneration
 from services.orchestrator.config import PeersConfig, RpcConfig
-from shared.auth import ClientAuth
+from shared.auth import AuthConfig, ClientAuth
 from shared.config import ConfigError, StrictModel
+from shared.training import DataError, read_rows, require_text
 from shared.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -344,3 +348,39 @@ class ConstitutionalAI:
     async def close(self) -> None:
         if self.owns_generation:
             await self.generation.close()
+
+
+class ConstitutionalJobConfig(StrictModel):
+    """``rlhf constitutional``: critique and revise a prompts file's responses through a running generation
+    service; writes the (revision over original) preference pairs and the revisions as SFT rows."""
+
+    prompts: str = Field(min_length=1, description="JSONL file of {'prompt': ...} rows")
+    output_dir: str = Field(min_length=1, description="gets preferences.jsonl, sft.jsonl and samples.jsonl")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="token and TLS for the generation service")
+    constitutional: ConstitutionalConfig
+
+
+def run_constitutional_job(config: ConstitutionalJobConfig) -> dict:
+    """Runs the job; returns the counts (prompts, pairs, skipped)."""
+    rows = read_rows(config.prompts)
+    prompts = [require_text(config.prompts, index, row, "prompt") for index, row in enumerate(rows)]
+    if not prompts:
+        raise DataError(f"{config.prompts}: no rows")
+
+    async def run() -> ConstitutionalResult:
+        cai = ConstitutionalAI(config.constitutional, ClientAuth.load(config.auth))
+        try:
+            return await cai.run(prompts)
+        finally:
+            await cai.close()
+
+    result = asyncio.run(run())
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in (
+        ("preferences.jsonl", result.preference_rows),
+        ("sft.jsonl", result.sft_rows),
+        ("samples.jsonl", [dataclasses.asdict(sample) for sample in result.samples]),
+    ):
+        (out / name).write_text("".join(json.dumps(row) + "\n" for row in content))
+    return dataclasses.asdict(result.counts)

@@ -9,6 +9,7 @@ rows are built and skipped as documented, runs repeat for a seed), not the quali
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -24,12 +25,14 @@ from services.labeling.constitutional import (
     DEFAULT_PRINCIPLES,
     ConstitutionalAI,
     ConstitutionalConfig,
+    ConstitutionalJobConfig,
     CritiqueRevision,
     Outcome,
     PromptFormat,
     collect,
     cut,
     load_principles,
+    run_constitutional_job,
 )
 from services.labeling.labelers import Choice, Comparison, Labeler, preference_rows
 from services.labeling.rlaif import (
@@ -53,6 +56,7 @@ from services.training.reward import read_groups
 from shared.config import ConfigError
 from shared.proto.rlhf.v1 import reward_pb2, reward_pb2_grpc
 from shared.tiny_models import CHAT_TEMPLATE, build_policy
+from shared.training import DataError
 from shared.types import SamplingParams
 from tests.service.grpc_helpers import running
 
@@ -331,6 +335,31 @@ async def test_constitutional_ai_pairs_each_revision_with_the_original(policy_se
         assert (await other.run(PROMPTS)).samples != result.samples
     finally:
         await other.close()
+
+
+async def test_constitutional_job_writes_pairs_and_sft_rows_the_training_jobs_read(policy_service, tmp_path):
+    """``rlhf constitutional``: a prompts file in, preferences.jsonl (the reward job reads it) and sft.jsonl out."""
+    address, _ = policy_service
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    job = ConstitutionalJobConfig.model_validate(
+        {
+            "prompts": str(prompts),
+            "output_dir": str(tmp_path / "out"),
+            "constitutional": {"generation": [address], "max_new_tokens": 8, "seed": 5, "batch_size": 2},
+        }
+    )
+    counts = await asyncio.to_thread(run_constitutional_job, job)
+    out = tmp_path / "out"
+    preferences = [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()]
+    sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    samples = (out / "samples.jsonl").read_text().splitlines()
+    assert counts["prompts"] == len(samples) == 5 and counts["pairs"] == len(preferences) == len(sft) >= 1
+    assert sum(len(g.pairs) for g in read_groups(out / "preferences.jsonl")) == counts["pairs"]
+    assert [r["completion"] for r in sft] == [r["chosen"] for r in preferences]
+    prompts.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(DataError, match=r"prompts\.jsonl:1"):
+        await asyncio.to_thread(run_constitutional_job, job)
 
 
 async def test_constitutional_ai_with_chat_messages(tmp_path_factory):
