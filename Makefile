@@ -7,7 +7,7 @@ GEN_STAMP := shared/proto/rlhf/v1/.stamp
 VENV_STAMP := .venv/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv proto system-deps demo demo-real demo-ppo test bench chaos lint format lock clean deploy
+.PHONY: all venv proto system-deps demo demo-real demo-ppo iterate test bench chaos lint format lock clean deploy
 OVERLAY ?= cpu
 
 all: test
@@ -52,6 +52,12 @@ system-deps:
 # penalty) through the services, DPO, evaluation; writes runs/<run-id>/report.md and summary.json.
 demo: $(GEN_STAMP)
 	$(PY) -m services.cli pipeline --ppo.without_kl true
+
+# The iterated loop on the built-in task: SFT, then 3 rounds of sampling from the current policy -> labels ->
+# reward model on all labels so far -> PPO from the current policy -> evaluation; runs/<run-id>/iterate_report.md.
+# CONFIG=file.yaml picks another config (a labeller: simulated, human through the labelling app, or an AI judge).
+iterate: $(GEN_STAMP)
+	$(PY) -m services.cli iterate $(if $(CONFIG),--config $(CONFIG),)
 
 # The same pipeline on a real task: SmolLM2-135M learns to write positive review sentences from a reward model
 # (MiniLM) trained on human ratings, with LoRA; judged by VADER, which training never sees. About 15 minutes.

@@ -1,5 +1,5 @@
 """The ``rlhf`` command: ``rlhf serve generation|reward|reference|trainer``, ``rlhf orchestrator``,
-``rlhf train sft|reward|dpo``, ``rlhf pipeline``, ``rlhf iterate``, ``rlhf constitutional`` and
+``rlhf train sft|reward|dpo``, ``rlhf pipeline``, ``rlhf iterate``, ``rlhf constitutional``, ``rlhf labeling`` and
 ``rlhf pipeline-real``.
 
 Each takes ``--config FILE`` (YAML) and one flag per config field (``--server.port 50051``) overriding it.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -100,6 +101,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         from services.labeling.constitutional import ConstitutionalJobConfig
 
         add_config_flags(constitutional, ConstitutionalJobConfig)
+    labeling = commands.add_parser("labeling", help="the labelling web app where people compare responses")
+    labeling.add_argument("--ready-file", type=Path, default=None, help="write {port} here when ready")
+    labeling.add_argument("--log-level", default="INFO")
+    if argv[:1] == ["labeling"]:
+        from services.labeling.config import LabelingConfig
+
+        add_config_flags(labeling, LabelingConfig)
     real = commands.add_parser(
         "pipeline-real", help="SmolLM2 + human ratings: pairs -> RM -> PPO (LoRA) -> evaluation against VADER"
     )
@@ -169,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
             config = config_from_args(ConstitutionalJobConfig, args)
             setup_logging("constitutional", args.log_level)
             print(json.dumps(run_constitutional_job(config), indent=2))
+        elif args.command == "labeling":
+            from services.labeling.app import serve_labeling
+            from services.labeling.config import LabelingConfig
+
+            config = config_from_args(LabelingConfig, args)
+            setup_logging("labeling", args.log_level)
+            ready = args.ready_file
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(serve_labeling(config, lambda port: _write_ready_file(ready, {"port": port})))
         elif args.command == "pipeline-real":
             from services.pipeline.real import run_real_pipeline
             from services.pipeline.real_config import RealPipelineConfig

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from services.labeling.human import HumanLabelerConfig, open_human_labeler
 from services.labeling.labelers import Labeler, SimulatedLabeler
 from services.labeling.rlaif import JudgeConfig, JudgeKind, build_judge
 from shared.auth import AuthConfig, ClientAuth
@@ -53,7 +54,9 @@ class LabelerConfig(StrictModel):
     judge_service: JudgeService | None = Field(
         None, description="kind judge: start the judge's service for each round (else the judge's address is used)"
     )
-    human: dict = Field(default_factory=dict, description="kind human: services.labeling.human.HumanLabelerConfig")
+    human: HumanLabelerConfig = Field(
+        default_factory=HumanLabelerConfig, description="kind human: where the labelling app keeps its tasks"
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="tokens and TLS to reach the judge's service")
 
     @model_validator(mode="after")
@@ -75,8 +78,6 @@ async def open_labeler(config: LabelerConfig, seed: int, batch: str, root: Path)
 
         yield SimulatedLabeler(gold_reward, seed=seed + hash_batch(batch), temperature=config.temperature)
     elif config.kind is LabelerKind.HUMAN:
-        from services.labeling.human import open_human_labeler
-
         async with open_human_labeler(config.human, batch=batch, runs_dir=root) as labeler:
             yield labeler
     else:
