@@ -178,7 +178,7 @@ def create_app(config: LabelingConfig, store: LabelStore, accounts: Accounts) ->
             try:
                 positions = [int(x) for x in ranking.split(",")]
             except ValueError as exc:
-                raise InvalidInput(f"ranking: comma-separated positions, got {ranking!r}") from exc
+                raise InvalidInput("ranking", f"comma-separated positions, got {ranking!r}") from exc
         await asyncio.to_thread(store.submit, account.name, tid, choice, positions, comment)
         return RedirectResponse("/", status_code=303)
 
@@ -225,7 +225,7 @@ def create_app(config: LabelingConfig, store: LabelStore, accounts: Accounts) ->
     ):
         data = await file.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
-            raise InvalidInput(f"file: larger than {config.max_upload_bytes} bytes")
+            raise InvalidInput("file", f"larger than {config.max_upload_bytes} bytes")
         items = parse_upload(data, split_pairs)
         ids = await asyncio.to_thread(store.add_tasks, batch.strip() or "upload", items)
         return page(request, "upload.html", added=len(ids), batch=batch)
@@ -239,7 +239,7 @@ def parse_upload(data: bytes, split_pairs: bool) -> list[dict]:
     try:
         text = data.decode()
     except UnicodeDecodeError as exc:
-        raise InvalidInput("file: not UTF-8 text") from exc
+        raise InvalidInput("file", "not UTF-8 text") from exc
     items = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -247,9 +247,9 @@ def parse_upload(data: bytes, split_pairs: bool) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InvalidInput(f"line {number}: not JSON ({exc.msg})") from exc
+            raise InvalidInput(f"line {number}", f"not JSON ({exc.msg})") from exc
         if not isinstance(row, dict) or not isinstance(row.get("responses"), list):
-            raise InvalidInput(f'line {number}: expected {{"prompt": ..., "responses": [...]}}')
+            raise InvalidInput(f"line {number}", 'expected {"prompt": ..., "responses": [...]}')
         responses = row["responses"]
         if split_pairs and len(responses) > 2:
             items += [
@@ -260,12 +260,12 @@ def parse_upload(data: bytes, split_pairs: bool) -> list[dict]:
         else:
             items.append({"prompt": row.get("prompt"), "responses": responses, "_line": number})
     if not items:
-        raise InvalidInput("file: no rows")
+        raise InvalidInput("file", "no rows")
     for item in items:
         try:
             check_item(item["_line"] - 1, item)
         except InvalidInput as exc:
-            raise InvalidInput(str(exc).replace("row ", "line ", 1)) from exc
+            raise InvalidInput(f"line {item['_line']}", str(exc).split(": ", 1)[1]) from exc
     return [{"prompt": item["prompt"], "responses": item["responses"]} for item in items]
 
 

@@ -95,14 +95,14 @@ def task_id(batch: str, prompt: str, responses: list[str]) -> str:
 def check_item(index: int, item: dict) -> tuple[str, list[str]]:
     """(prompt, responses) of one task row, or InvalidInput naming the row and the field."""
     if not isinstance(item, dict):
-        raise InvalidInput(f"row {index + 1}: must be an object with 'prompt' and 'responses'")
+        raise InvalidInput(f"row {index + 1}", "must be an object with 'prompt' and 'responses'")
     prompt, responses = item.get("prompt"), item.get("responses")
     if not isinstance(prompt, str) or not prompt:
-        raise InvalidInput(f"row {index + 1}: 'prompt' must be a non-empty string")
+        raise InvalidInput(f"row {index + 1}", "'prompt' must be a non-empty string")
     if not (isinstance(responses, list) and len(responses) >= 2 and all(isinstance(r, str) for r in responses)):
-        raise InvalidInput(f"row {index + 1}: 'responses' must be a list of at least 2 strings")
+        raise InvalidInput(f"row {index + 1}", "'responses' must be a list of at least 2 strings")
     if len(set(responses)) < len(responses):
-        raise InvalidInput(f"row {index + 1}: 'responses' lists the same response twice")
+        raise InvalidInput(f"row {index + 1}", "'responses' lists the same response twice")
     return prompt, responses
 
 
@@ -217,15 +217,16 @@ class LabelStore(ABC):
             label = Label(tid, task.batch, annotator, task.kind, order, comment=comment[:2000])
             if task.kind == PAIR:
                 if choice not in PAIR_CHOICES:
-                    raise InvalidInput(f"choice: must be one of {', '.join(PAIR_CHOICES)}, got {choice!r}")
+                    raise InvalidInput("choice", f"must be one of {', '.join(PAIR_CHOICES)}, got {choice!r}")
                 # Shown A is original order[0]: "a" shown means original index order[0] is better.
                 label.choice = choice if choice in ("tie", "both_bad") else "ab"[order["ab".index(choice)]]
             else:
                 ranking = list(ranking or [])
                 if sorted(ranking) != list(range(len(task.responses))):
                     raise InvalidInput(
-                        f"ranking: must order all {len(task.responses)} shown positions (0..{len(task.responses) - 1}) "
-                        f"once each, got {ranking}"
+                        "ranking",
+                        f"must order all {len(task.responses)} shown positions (0..{len(task.responses) - 1}) "
+                        f"once each, got {ranking}",
                     )
                 label.ranking = [order[position] for position in ranking]
             label.assigned_at, label.labelled_at = assignment.assigned_at, time.time()
