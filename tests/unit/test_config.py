@@ -145,3 +145,12 @@ def test_request_paths_are_confined_under_their_root(tmp_path):
         with pytest.raises(InvalidInput, match=message) as refused:
             confine(root, given, "dataset")
         assert refused.value.field == "dataset"
+
+
+def test_example_iterate_and_labeling_configs():
+    from services.labeling.config import LabelingConfig
+    from services.pipeline.config import IterateConfig
+
+    assert load_config(IterateConfig, EXAMPLES / "iterate.yaml").model_dump() == IterateConfig().model_dump()
+    labeling = load_config(LabelingConfig, EXAMPLES / "labeling.yaml")
+    assert labeling.model_dump() == LabelingConfig(accounts_file="accounts.yaml").model_dump()
