@@ -140,7 +140,8 @@ def create_app(config: LabelingConfig, store: LabelStore, accounts: Accounts) ->
             return page(request, "login.html", 401, error="Wrong name, password or token.")
         request.session.clear()
         request.session["annotator"] = account.name
-        return RedirectResponse("/", status_code=303)
+        # An admin lands on the stats: opening "/" assigns a task, which would hold an annotator's place.
+        return RedirectResponse("/stats" if account.role is Role.ADMIN else "/", status_code=303)
 
     @app.post("/logout")
     async def logout(request: Request):
