@@ -4,8 +4,9 @@ responses, and where an admin uploads tasks, watches agreement and downloads the
 Pages: ``/login``, ``/`` (the next task), ``/tasks/{id}`` (an assigned task), ``/stats``, ``/admin/upload``.
 API (session cookie, or ``Authorization: Bearer <token>`` of an account): ``GET /api/stats``,
 ``GET /export/preferences.jsonl``, ``GET /export/rankings.jsonl``, ``GET /healthz``.
-Errors: an unknown task 404, a task not assigned to you 403, a second label 409, a bad choice or upload 422, not
-signed in: a redirect to the sign-in page (pages) or 401 (API).
+Errors: an unknown task 404, a task not assigned to you 403, a second label (or a late one, for a task that went
+to others when your assignment timed out) 409, a bad choice or upload 422, the store unreachable 503, not signed
+in: a redirect to the sign-in page (pages) or 401 (API).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from services.labeling.stats import labelling_stats
 from services.labeling.store import (
     PAIR,
     AlreadyLabelled,
+    AssignmentExpired,
     LabelStore,
     NotAssigned,
     UnknownTask,
@@ -38,6 +40,7 @@ from services.labeling.store import (
 from shared.auth import MIN_TOKEN_CHARS, PLACEHOLDER_MARK, ServerAuth, is_loopback
 from shared.config import ConfigError
 from shared.errors import InvalidInput
+from shared.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def create_app(config: LabelingConfig, store: LabelStore, accounts: Accounts) ->
         secret_key=session_secret(config),
         session_cookie="rlhf_labeling",
         same_site="strict",
-        https_only=config.secure_cookies,
+        https_only=config.secure_cookies or bool(config.auth.tls.cert_file),  # Secure whenever served over HTTPS
         max_age=12 * 3600,
     )
 
@@ -111,7 +114,15 @@ def create_app(config: LabelingConfig, store: LabelStore, accounts: Accounts) ->
             return JSONResponse({"error": "sign in first"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return RedirectResponse("/login", status_code=303)
 
-    for kind, status in ((UnknownTask, 404), (NotAssigned, 403), (AlreadyLabelled, 409), (InvalidInput, 422)):
+    errors = (
+        (UnknownTask, 404),
+        (NotAssigned, 403),
+        (AlreadyLabelled, 409),
+        (AssignmentExpired, 409),
+        (InvalidInput, 422),
+        (StoreUnavailable, 503),
+    )
+    for kind, status in errors:
 
         async def handle(request: Request, exc: Exception, status: int = status) -> Response:
             return await error_page(request, status, str(exc))

@@ -25,5 +25,9 @@ class LabelingConfig(StrictModel):
         1800.0, gt=0, description="an assignment not labelled within this long goes back to the pool"
     )
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest JSONL upload")
-    secure_cookies: bool = Field(False, description="mark the session cookie Secure (set when served over HTTPS)")
+    secure_cookies: bool = Field(
+        False,
+        description="mark the session cookie Secure: set it behind a proxy that terminates HTTPS (on by itself when "
+        "auth.tls serves HTTPS)",
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="tls: serve HTTPS (the token settings are unused)")

@@ -2,8 +2,8 @@
 
 Serves the app as the browser tests do (uvicorn in a thread, a fresh SQLite store in a temporary directory) on a few
 sentence-continuation tasks, lets two annotators label them in Chromium, and writes ``OUT_DIR/labeling-pair.png``
-(a comparison), ``labeling-ranking.png`` (a ranking of four, two picked) and ``labeling-stats.png`` (the admin's
-agreement figures), 1200x800 each."""
+(a comparison), ``labeling-ranking.png`` (a ranking of four, two picked), ``labeling-stats.png`` (the admin's
+agreement figures) and ``labeling-signin.png`` (the sign-in page), 1200x800 each."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def main(argv: list[str]) -> int:
         serve_labeling(Path(tmp), annotators_per_task=2, tasks=[*PAIRS, RANKING], seed=11) as app,
         launch_chromium() as browser,
     ):
+        sign_in = app.new_page(browser)
+        sign_in.goto(f"{app.url}/login")
+        sign_in.screenshot(path=str(out / "labeling-signin.png"))
         alice = app.sign_in(browser, "alice")
         alice.screenshot(path=str(out / "labeling-pair.png"))
         label_pairs(alice, "alice")
@@ -68,18 +71,18 @@ def main(argv: list[str]) -> int:
         label_pairs(bob, "bob")
 
         assert alice.locator("#ranked").count(), "alice should be on the ranking task now"
-        alice.keyboard.press("2")
-        alice.keyboard.press("4")
+        alice.keyboard.press("1")
+        alice.keyboard.press("3")
         alice.mouse.move(0, 0)
         alice.screenshot(path=str(out / "labeling-ranking.png"))
-        for key in ("1", "2", "4", "3"):  # bob ranks all four and submits
+        for key in ("3", "1", "4", "2"):  # bob ranks all four and submits
             bob.keyboard.press(key)
         with bob.expect_navigation():
             bob.keyboard.press("Enter")
         admin = app.sign_in(browser, "admin")
         admin.goto(f"{app.url}/stats")
         admin.screenshot(path=str(out / "labeling-stats.png"))
-    for name in ("labeling-pair.png", "labeling-ranking.png", "labeling-stats.png"):
+    for name in ("labeling-signin.png", "labeling-pair.png", "labeling-ranking.png", "labeling-stats.png"):
         print(out / name)
     return 0
 

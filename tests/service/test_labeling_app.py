@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from html import unescape
 
 import pytest
@@ -18,6 +19,7 @@ from services.labeling.store import open_label_store
 from shared.config import ConfigError
 from shared.store import StoreConfig
 
+TIMEOUT_S = 0.6  # assignment timeout of the late-label test: far above a request's time
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 
 
@@ -128,3 +130,33 @@ def test_start_up_refuses_what_cannot_be_safe(tmp_path, app_parts):
     bad_accounts.write_text(yaml.safe_dump([{"name": "x", "password": "plain-text"}]))
     with pytest.raises(ConfigError, match="must be a scrypt hash"):
         Accounts.load(bad_accounts)
+
+
+def test_the_session_cookie_is_signed_http_only_and_same_site_strict(app_parts):
+    anonymous = client(app_parts)
+    response = anonymous.post("/login", data={"name": "alice", "password": "alice-pass"}, follow_redirects=False)
+    cookie = response.headers["set-cookie"].lower()
+    assert cookie.startswith("rlhf_labeling=") and "httponly" in cookie and "samesite=strict" in cookie
+    assert "secure" not in cookie  # plain HTTP on loopback; on with auth.tls or secure_cookies
+    value = cookie.split(";")[0].split("=", 1)[1]
+    forged = client(app_parts)
+    forged.cookies.set("rlhf_labeling", value[:-4] + "abcd")  # a bad signature is no session
+    assert forged.get("/", follow_redirects=False).headers["location"] == "/login"
+
+
+def test_a_late_label_for_a_task_that_went_to_someone_else_is_refused(tmp_path, app_parts):
+    config, _, accounts = app_parts
+    store = open_label_store(StoreConfig(), tmp_path / "late", annotators_per_task=1, assignment_timeout_s=TIMEOUT_S)
+    store.add_tasks("b1", [{"prompt": "the park was", "responses": ["happy.", "sad."]}])
+    app = create_app(config, store, accounts)
+    alice, bob = TestClient(app), TestClient(app)
+    for who, c in (("alice", alice), ("bob", bob)):
+        c.post("/login", data={"name": who, "password": f"{who}-pass"})
+    tid = task_on_page(alice.get("/").text)
+    time.sleep(TIMEOUT_S + 0.1)  # alice's assignment times out: bob is given the task and labels it
+    assert task_on_page(bob.get("/").text) == tid
+    assert bob.post(f"/tasks/{tid}/label", data={"choice": "a"}, follow_redirects=False).status_code == 303
+    late = alice.post(f"/tasks/{tid}/label", data={"choice": "b"})
+    assert late.status_code == 409 and "gone to other annotators" in late.text
+    assert [label.annotator for label in store.labels()] == ["bob"]
+    store.close()

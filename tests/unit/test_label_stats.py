@@ -52,6 +52,25 @@ def test_krippendorff_alpha_matches_the_package_on_the_matrix_and_a_hand_case():
     assert krippendorff_alpha({"t1": {"x": "a", "y": "a"}}) is None  # one category: undefined
 
 
+def test_krippendorff_alpha_by_hand_with_three_annotators_and_a_missing_label():
+    by_task = {
+        "u1": {"x": "a", "y": "a", "z": "a"},
+        "u2": {"x": "a", "y": "b"},
+        "u3": {"x": "b", "y": "b", "z": "tie"},
+        "u4": {"y": "tie", "z": "tie"},
+    }
+    # Coincidence matrix: each unit adds its ordered pairs of values from different annotators, weighted 1/(m_u - 1).
+    #   u1 (a, a, a): 6 pairs (a, a) / 2 -> o_aa += 3
+    #   u2 (a, b): (a, b), (b, a) / 1 -> o_ab += 1, o_ba += 1
+    #   u3 (b, b, tie): 2 x (b, b), 2 x (b, tie), 2 x (tie, b), / 2 -> o_bb += 1, o_bt += 1, o_tb += 1
+    #   u4 (tie, tie): 2 x (tie, tie) / 1 -> o_tt += 2
+    # Margins: n_a = 3 + 1 = 4, n_b = 1 + 1 + 1 = 3, n_tie = 1 + 2 = 3; n = 10 pairable values.
+    # Nominal: D_o = (o_ab + o_ba + o_bt + o_tb) / n = 4 / 10;
+    #          D_e = sum_{c != k} n_c n_k / (n (n - 1)) = 2 (4*3 + 4*3 + 3*3) / 90 = 66 / 90.
+    # alpha = 1 - D_o / D_e = 1 - (4/10) / (66/90) = 1 - 36/66 = 5/11.
+    assert krippendorff_alpha(by_task) == pytest.approx(5 / 11)
+
+
 def test_majority_agreement_leaves_the_annotator_out():
     by_task = {
         "t1": {"x": "a", "y": "a", "z": "b"},  # x: others y=a, z=b -> no strict majority; z: others a, a -> miss
