@@ -5,37 +5,24 @@ Each round waits for her labels; the round's reward model then trains on exactly
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 
 import pytest
 import yaml
-from playwright.sync_api import sync_playwright
 
 from services.labeling.accounts import hash_password
 from services.launcher import Launcher
 from services.pipeline.config import IterateConfig
 from services.pipeline.iterate import run_iterate
+from tests.browser.conftest import launch_chromium
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ROUNDS = 2
 
 
 def test_a_person_labels_in_the_browser_and_each_round_trains_on_her_labels(tmp_path):
-    if shutil.which(CHROMIUM) is None:
-        pytest.fail(f"{CHROMIUM} is missing: run `make test`, which installs Debian's chromium")
     runs = tmp_path / "runs"
     accounts = tmp_path / "accounts.yaml"
     accounts.write_text(yaml.safe_dump([{"name": "alice", "password": hash_password("alice-password")}]))
@@ -70,8 +57,7 @@ def test_a_person_labels_in_the_browser_and_each_round_trains_on_her_labels(tmp_
         base = f"http://127.0.0.1:{app.wait_ready(60)['port']}"
         worker = threading.Thread(target=iterate, daemon=True)
         worker.start()
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        with launch_chromium() as browser:
             page = browser.new_page()
             page.goto(f"{base}/login")
             page.fill("input[name=name]", "alice")
@@ -91,7 +77,6 @@ def test_a_person_labels_in_the_browser_and_each_round_trains_on_her_labels(tmp_
                 )
                 with page.expect_navigation():
                     page.keyboard.press(key)
-            browser.close()
         worker.join(60)
     if "error" in outcome:
         raise outcome["error"]
