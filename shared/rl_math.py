@@ -12,6 +12,10 @@ References:
       (GAE).
     * Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (PPO).
     * Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html (k1/k2/k3).
+    * Shao et al. 2024, "DeepSeekMath" (GRPO); Liu et al. 2025, "Understanding R1-Zero-Like Training" (Dr. GRPO).
+    * Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization ..." (RLOO).
+    * Hu 2025, "REINFORCE++".
+    * Hilton et al. 2021, "Batch size-invariance for policy optimization"; Fu et al. 2025, AReaL (decoupled PPO).
 
 This module depends on torch only, so that every role (trainer, tests, tools) can import it cheaply.
 """
@@ -25,13 +29,19 @@ import torch
 
 __all__ = [
     "AdaptiveKLController",
+    "AdvantageEstimator",
     "FixedKLController",
     "KLEstimator",
+    "behaviour_weights",
+    "discounted_returns",
     "entropy_from_logits",
     "explained_variance",
     "gae_advantages",
+    "grpo_advantages",
     "kl_estimate",
+    "kl_loss_sum",
     "kl_penalized_rewards",
+    "logprobs_and_entropy",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",
@@ -39,8 +49,11 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "policy_loss_sum",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
     "value_loss",
     "value_loss_sum",
+    "weighted_policy_loss_sum",
 ]
 
 Dim = int | tuple[int, ...] | None
@@ -122,6 +135,30 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 # --------------------------------------------------------------------------------------------------------
 # Masked reductions
 # --------------------------------------------------------------------------------------------------------
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`logprobs_from_logits` and :func:`entropy_from_logits` sharing one ``logsumexp`` per chunk of rows:
+    ``lse = logsumexp(z)``, ``out = z[y] - lse``, ``H = lse - sum_v softmax(z)_v z_v`` (= ``-sum_v p_v log p_v``),
+    with ``z = logits / T``.
+
+    The log-probs keep their graph as in :func:`logprobs_from_logits` (no stored (B, T, V) beyond the logits); the
+    entropy keeps its own only with ``entropy_grad`` (when it is part of the loss: it costs autograd a float32
+    (B, T, V) tensor), else its softmax is freed chunk by chunk. Shapes: ``(B, T, V)``, ``(B, T)`` -> two ``(B, T)``
+    float32, equal to the two functions' to float rounding. ``-inf`` logits contribute 0 to the entropy.
+    """
+    flat_labels = labels.reshape(-1, 1).long()
+    chosen, entropies, start = [], [], 0
+    for part in _row_chunks(logits, temperature):
+        lse = torch.logsumexp(part, dim=-1)
+        chosen.append(part.gather(-1, flat_labels[start : start + part.shape[0]]).squeeze(-1) - lse)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            probs = torch.exp(part - lse.unsqueeze(-1))
+            entropies.append(lse - (probs * part.clamp(min=torch.finfo(part.dtype).min)).sum(dim=-1))
+        start += part.shape[0]
+    return torch.cat(chosen).reshape(labels.shape), torch.cat(entropies).reshape(labels.shape)
 
 
 def _as_bool(mask: torch.Tensor) -> torch.Tensor:
@@ -480,3 +517,207 @@ class AdaptiveKLController:
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.value = max(0.0, self.value * (1.0 + error * n_steps / self.horizon))
         return self.value
+
+
+# --------------------------------------------------------------------------------------------------------
+# Critic-free advantage estimators
+# --------------------------------------------------------------------------------------------------------
+
+
+class AdvantageEstimator(enum.StrEnum):
+    """How the PPO trainer turns rewards into advantages (names as in verl's ``adv_estimator``)."""
+
+    GAE = "gae"  # learned critic: gae_advantages
+    GRPO = "grpo"  # group-normalised sequence scores: grpo_advantages
+    RLOO = "rloo"  # leave-one-out group baseline: rloo_advantages
+    REINFORCE_PLUS_PLUS = "reinforce_plus_plus"  # batch-whitened returns: reinforce_pp_advantages
+
+
+def _groups(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks shapes and group sizes; returns ``(inverse, counts)``: sample b belongs to group ``inverse[b]``
+    (``0 <= inverse[b] < G``), and group g has ``counts[g]`` samples. Group ids need not be sorted or contiguous."""
+    if scores.dim() != 1 or group_ids.shape != scores.shape or mask.dim() != 2 or mask.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"expected scores (B,), group_ids (B,) and mask (B, T), got {tuple(scores.shape)}, "
+            f"{tuple(group_ids.shape)} and {tuple(mask.shape)}"
+        )
+    if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+    ids, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    small = counts < 2
+    if bool(small.any()):
+        raise ValueError(
+            "every group needs at least 2 samples (the group std and the leave-one-out mean are undefined for "
+            f"one); group ids {ids[small].tolist()} have {counts[small].tolist()} sample(s)"
+        )
+    return inverse, counts
+
+
+def _group_sum(values: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B,) values -> (B,): the sum of each sample's group, given back to every sample of that group."""
+    sums = torch.zeros(counts.shape[0], dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+    return sums[inverse]
+
+
+def _float_scores(scores: torch.Tensor) -> torch.Tensor:
+    return scores if scores.dtype.is_floating_point else scores.to(torch.float32)
+
+
+def _broadcast_over_tokens(sequence_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, T): each row's value on its real tokens, 0 on padding."""
+    zero = torch.zeros((), dtype=sequence_values.dtype, device=sequence_values.device)
+    return torch.where(_as_bool(mask), sequence_values.unsqueeze(1), zero)
+
+
+def grpo_advantages(
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    mask: torch.Tensor,
+    scale_rewards: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """GRPO outcome advantages (Shao et al. 2024, DeepSeekMath, section 4.1.2), one value per sequence.
+
+    For sample i in a group G of k samples answering the same prompt:
+    ``A_i = (r_i - mean_G(r)) / (std_G(r) + eps)``, with ``std_G`` the UNBIASED std
+    ``sqrt(sum_{j in G} (r_j - mean_G)^2 / (k - 1))`` (what TRL's GRPOTrainer computes with ``torch.std``).
+    ``scale_rewards=False`` drops the division: ``A_i = r_i - mean_G(r)`` (Dr. GRPO, Liu et al. 2025, which
+    argues the std reweights prompts by difficulty). A group whose scores are all equal gets 0 either way.
+
+    Shapes: scores ``(B,)``, group_ids ``(B,)`` integer (arbitrary ids; groups may be interleaved), mask
+    ``(B, T)`` -> ``(B, T)``: ``A_i`` on every real token of row i, 0 on padding. A group of fewer than 2 samples
+    raises ``ValueError``. Integer scores are computed in float32.
+    """
+    inverse, counts = _groups(scores, group_ids, mask)
+    r = _float_scores(scores)
+    k = counts.to(r.dtype)[inverse]
+    advantages = r - _group_sum(r, inverse, counts) / k
+    if scale_rewards:
+        std = (_group_sum(advantages.square(), inverse, counts) / (k - 1)).sqrt()
+        advantages = advantages / (std + eps)
+    return _broadcast_over_tokens(advantages, mask)
+
+
+def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, "Back to Basics"; Kool et al. 2019).
+
+    For sample i in a group G of k samples: ``A_i = r_i - (1 / (k - 1)) * sum_{j in G, j != i} r_j``, which
+    equals ``k / (k - 1) * (r_i - mean_G(r))``: the baseline excludes r_i, so it is independent of sample i and
+    the policy gradient stays unbiased.
+
+    Shapes: scores ``(B,)``, group_ids ``(B,)`` integer (arbitrary ids; groups may be interleaved), mask
+    ``(B, T)`` -> ``(B, T)``: ``A_i`` on every real token of row i, 0 on padding. A group of fewer than 2 samples
+    raises ``ValueError``. Integer scores are computed in float32.
+    """
+    inverse, counts = _groups(scores, group_ids, mask)
+    r = _float_scores(scores)
+    k = counts.to(r.dtype)[inverse]
+    advantages = r - (_group_sum(r, inverse, counts) - r) / (k - 1)
+    return _broadcast_over_tokens(advantages, mask)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Reward-to-go over each row's real tokens: ``G_t = sum_{l >= 0} gamma^l * r_{t+l}``, by the recursion
+    ``G_t = r_t + gamma * G_{t+1}`` (the episode ends after the last real token).
+
+    Shapes: rewards, mask ``(B, T)`` -> ``(B, T)``, 0 on padding. Equals :func:`gae_advantages` with
+    ``values = 0`` and ``lam = 1``.
+    """
+    m = _as_bool(mask)
+    r = torch.where(m, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    mf = m.to(r.dtype)
+    T = r.shape[1]
+    next_return = torch.zeros_like(r[:, 0])
+    returns = [next_return] * T
+    for t in reversed(range(T)):
+        # The mask keeps padding at exactly 0 and stops accumulation across it.
+        next_return = (r[:, t] + gamma * next_return) * mf[:, t]
+        returns[t] = next_return
+    return torch.stack(returns, dim=1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ advantages (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning LLMs").
+
+    ``rewards`` are the per-token rewards of :func:`kl_penalized_rewards` (the sequence score at the last real
+    token minus ``kl_coef * KL_t`` on every token); ``G_t = sum_{l >= 0} gamma^l * r_{t+l}``
+    (:func:`discounted_returns`), and ``A = (G - mean) / sqrt(var + 1e-8)`` with the mean and unbiased variance
+    taken over ALL real tokens of the batch (:func:`masked_whiten`): a global baseline instead of a critic or a
+    per-prompt group.
+
+    Shapes: rewards, mask ``(B, T)`` -> ``(B, T)``, 0 on padding. Fewer than 2 real tokens in the batch raise
+    ``ValueError`` (see :func:`masked_var`).
+    """
+    return masked_whiten(discounted_returns(rewards, mask, gamma), mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# KL as a loss term, and the decoupled (off-policy) policy loss
+# --------------------------------------------------------------------------------------------------------
+
+
+def kl_loss_sum(
+    logprobs: torch.Tensor,
+    reference_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: KLEstimator | str,
+) -> torch.Tensor:
+    """Masked SUM over real tokens of the per-token KL estimate of :func:`kl_estimate`, as a loss term (GRPO,
+    Shao et al. 2024, eq. 4, uses k3) rather than a reward penalty. With ``d = logprobs - reference_logprobs``:
+    k1 = ``d``; k2 = ``0.5 * d^2``; k3 = ``exp(-d) + d - 1 = exp(ref - logp) - (ref - logp) - 1 >= 0``.
+
+    Gradients flow through ``logprobs`` (pass ``reference_logprobs`` detached). For tokens sampled from pi:
+    E[grad k1] = 0 (k1 as a loss does nothing in expectation), E[grad k2] = grad KL(pi || ref) and
+    E[grad k3] = grad KL(ref || pi).
+
+    Like :func:`policy_loss_sum`, the caller divides by the total real-token count. Shapes: ``(B, T)`` -> scalar.
+    Padding is zeroed before the estimator, so garbage there cannot overflow exp or give nan gradients.
+    """
+    m = _as_bool(mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    logprobs = torch.where(m, logprobs, zero)
+    reference_logprobs = torch.where(m, reference_logprobs, zero)
+    return masked_sum(kl_estimate(logprobs, reference_logprobs, estimator), m)
+
+
+def behaviour_weights(
+    proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance weights of the decoupled PPO loss (Hilton et al. 2021, "Batch size-invariance for
+    policy optimization"; Fu et al. 2025, AReaL): ``w_t = min(pi_prox(a_t) / pi_behav(a_t), cap)
+    = min(exp(proximal_logprobs_t - behaviour_logprobs_t), cap)``.
+
+    ``behaviour_logprobs`` are those of the (older) policy that sampled the tokens; ``proximal_logprobs`` those
+    of the recent policy the clip is centred on. The weights are detached (data, not a function of theta) and 0
+    on padding. AReaL instead drops tokens whose weight exceeds the cap; truncating keeps them at ``cap``
+    (as truncated importance sampling in IMPALA/V-trace). Shapes: ``(B, T)`` -> ``(B, T)``.
+    """
+    if not (cap > 0 and math.isfinite(cap)):
+        raise ValueError(f"cap must be finite and > 0, got {cap}")
+    m = _as_bool(mask)
+    zero = torch.zeros((), dtype=proximal_logprobs.dtype, device=proximal_logprobs.device)
+    # Zero the log-ratio on padding so that garbage there cannot overflow exp.
+    log_ratio = torch.where(m, (proximal_logprobs - behaviour_logprobs).detach(), zero)
+    return torch.where(m, torch.exp(log_ratio).clamp(max=cap), zero)
+
+
+def weighted_policy_loss_sum(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Masked SUM of ``w_t * loss_t``, with ``loss_t`` the per-token PPO clipped loss of :func:`policy_loss`.
+
+    The decoupled PPO objective (Hilton et al. 2021; AReaL) for a batch sampled by an older behaviour policy:
+    ``old_logprobs`` are the PROXIMAL policy's (the clip is centred there) and ``weights`` come from
+    :func:`behaviour_weights` (pi_prox / pi_behav, truncated). The weights are detached here. With
+    ``weights=None`` this is :func:`policy_loss_sum` exactly. Shapes: ``(B, T)`` -> scalar; the caller divides by
+    the total real-token count.
+    """
+    loss_t, _, _ = _policy_loss_terms(logprobs, old_logprobs, advantages, mask, clip_range)
+    if weights is not None:
+        loss_t = loss_t * weights.detach()
+    return masked_sum(loss_t, mask)

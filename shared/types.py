@@ -59,6 +59,7 @@ class RolloutBatch:
     generation_logprobs: list[torch.Tensor]  # B x (R_i,) float32, log pi_old as reported by generation
     policy_version: int = 0  # version of the policy that generated the batch
     temperature: float = 1.0  # T of every log-prob here and in the trainer: log softmax(logits / T)
+    group_ids: torch.Tensor | None = None  # (B,) int64: samples with the same id answer the same prompt; None = none
 
     def __len__(self) -> int:
         return len(self.response_ids)

@@ -506,6 +506,7 @@ class GrpcTrainer:
             run_id=run_id,
             iteration=iteration,
             checkpoint=checkpoint,
+            group_ids=generated.prompt_index,
         )
         return request.SerializeToString()
 

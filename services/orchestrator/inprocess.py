@@ -131,6 +131,7 @@ class InProcessTrainer:
             generation_logprobs=[s.response_logprobs for s in samples],
             policy_version=rollouts.policy_version,
             temperature=rollouts.temperature,
+            group_ids=torch.tensor([s.prompt_index for s in samples], dtype=torch.int64),
         )
         return rollout_to_pb(batch, run_id, iteration).SerializeToString()
 

@@ -32,7 +32,15 @@ from services.trainer.checkpoint import (
     split_optimizer_state,
     write_manifest,
 )
-from services.trainer.config import CriticConfig, CriticInit, KLMode, LoRAConfig, PPOConfig, ScoreNormalization
+from services.trainer.config import (
+    CriticConfig,
+    CriticInit,
+    KLMode,
+    KLPlacement,
+    LoRAConfig,
+    PPOConfig,
+    ScoreNormalization,
+)
 from services.trainer.critic import Critic
 from services.trainer.lora import (
     ADAPTER_DIR,
@@ -47,6 +55,7 @@ from services.trainer.steps import StepLedger
 from shared import rl_math
 from shared.lora import adapter_state, load_adapter_state
 from shared.modeling import ModelConfig, load_tokenizer, resolve_device
+from shared.rl_math import AdvantageEstimator
 from shared.sequences import accepts_logits_to_keep
 from shared.types import RolloutBatch, TrainStats
 from shared.weights import unique_state
@@ -80,10 +89,35 @@ class _RunningMoments:
         return math.sqrt(self.m2 / self.count) if self.count else 1.0
 
 
+@dataclass
+class _Outputs:
+    """One forward of a micro-batch: (b, T) log-probs, entropy and values (None without a critic)."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor | None
+
+
+def _length_buckets(padded: PaddedBatch, rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``rows`` cut into micro-batches of at most ``size``, longest sequences together: each micro-batch is trimmed
+    to its own longest sequence (``PaddedBatch.select``), so grouping by length leaves less padding to compute."""
+    if rows.numel() <= size:
+        return [rows]
+    lengths = padded.attention_mask[rows].sum(dim=1)
+    return list(rows[torch.argsort(lengths, descending=True, stable=True)].split(size))
+
+
 def new_epoch(previous: int = 0) -> int:
     """A trainer incarnation: microseconds since the epoch, above ``previous``, so that a restarted trainer (or one
     that loaded a checkpoint) outranks the weights its earlier self sent."""
     return max(time.time_ns() // 1000, previous + 1)
+
+
+def _adamw(parameters: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with its fused kernel (one pass over each parameter instead of a dozen element-wise ops; CPU and CUDA
+    float32 / bf16 / fp16 parameters), the multi-tensor one otherwise: the same update either way."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -121,31 +155,27 @@ class TrainerBackend:
         self._compute_dtype = precision.compute_dtype(policy)
         self._gradient_checkpointing = gradient_checkpointing
         self.policy: PreTrainedModel = precision.load_trainable_causal_lm(policy, self.lora.enabled).eval()
-        critic_model = precision.master_or_frozen_config(
-            ModelConfig(path=critic.path or policy.path, device=policy.device, dtype=policy.dtype),
-            self.lora.enabled and self.lora.critic,
-        )
-        if critic.init is CriticInit.REWARD_MODEL:
-            self.critic = Critic.from_reward_model(critic_model).eval()
-        else:
-            self.critic = Critic.from_policy(critic_model).eval()
+        # The critic-free estimators (GRPO, RLOO, REINFORCE++) load none: no second model, no second optimizer.
+        self.critic: Critic | None = self._load_critic(policy, critic) if ppo.uses_critic else None
         if self.lora.enabled:  # base weights frozen, adapters (and the critic's head) train
             self.policy = wrap_policy(self.policy, self.lora)
-            if self.lora.critic:
+            if self.lora.critic and self.critic is not None:
                 self.critic.backbone = wrap_backbone(self.critic.backbone, self.lora)
         # Non-empty: the weight stream is the policy's adapter, with this peft config.
         self.adapter_config = wire_config(self.policy) if self.lora.enabled else ""
         self._vocab_size = self.policy.get_input_embeddings().num_embeddings
-        critic_vocab = self.critic.backbone.get_input_embeddings().num_embeddings
-        if critic_vocab < self._vocab_size:
-            raise ValueError(
-                f"critic.path: vocabulary of {critic_vocab} < the policy's {self._vocab_size}; "
-                "the critic reads the policy's token ids"
-            )
+        if self.critic is not None:
+            critic_vocab = self.critic.backbone.get_input_embeddings().num_embeddings
+            if critic_vocab < self._vocab_size:
+                raise ValueError(
+                    f"critic.path: vocabulary of {critic_vocab} < the policy's {self._vocab_size}; "
+                    "the critic reads the policy's token ids"
+                )
         if gradient_checkpointing:
             precision.enable_gradient_checkpointing(self.policy)
-            precision.enable_gradient_checkpointing(self.critic.backbone)
-            self.critic.train()
+            if self.critic is not None:
+                precision.enable_gradient_checkpointing(self.critic.backbone)
+                self.critic.train()
         self._build_optimizers()
         if ppo.kl.mode is KLMode.FIXED:
             self._kl_controller = rl_math.FixedKLController(ppo.kl.init_coef)
@@ -158,19 +188,26 @@ class TrainerBackend:
         self.ledger = StepLedger()  # the (run, iteration) of each step applied: see services.trainer.steps
         self.loaded_checkpoint: Path | None = None  # the checkpoint-root directory this state was resumed from
 
+    def _load_critic(self, policy: ModelConfig, critic: CriticConfig) -> Critic:
+        critic_model = precision.master_or_frozen_config(
+            ModelConfig(path=critic.path or policy.path, device=policy.device, dtype=policy.dtype),
+            self.lora.enabled and self.lora.critic,
+        )
+        if critic.init is CriticInit.REWARD_MODEL:
+            return Critic.from_reward_model(critic_model).eval()
+        return Critic.from_policy(critic_model).eval()
+
     def _build_optimizers(self) -> None:
         self._optimizers = self._make_optimizers(self.policy)
 
     def _make_optimizers(self, policy: PreTrainedModel) -> dict[str, torch.optim.Optimizer]:
         ppo = self.ppo
-        return {
-            "policy": torch.optim.AdamW(_trainable(policy), lr=ppo.learning_rate, weight_decay=ppo.weight_decay),
-            "critic": torch.optim.AdamW(
-                _trainable(self.critic),
-                lr=ppo.critic_learning_rate or ppo.learning_rate,
-                weight_decay=ppo.weight_decay,
-            ),
-        }
+        optimizers = {"policy": _adamw(_trainable(policy), ppo.learning_rate, ppo.weight_decay)}
+        if self.critic is not None:
+            optimizers["critic"] = _adamw(
+                _trainable(self.critic), ppo.critic_learning_rate or ppo.learning_rate, ppo.weight_decay
+            )
+        return optimizers
 
     @property
     def kl_coef(self) -> float:
@@ -197,7 +234,13 @@ class TrainerBackend:
         return stats, False
 
     def train_step(self, batch: RolloutBatch) -> TrainStats:
-        """One PPO update (``ppo_epochs`` passes) on ``batch``; the policy version goes up by one."""
+        """One PPO update (``ppo_epochs`` passes) on ``batch``; the policy version goes up by one.
+
+        The advantages come from ``ppo.advantage_estimator`` (GAE with the critic, or GRPO / RLOO /
+        REINFORCE++ without one) and the KL to the reference goes in the reward or in the loss
+        (``ppo.kl.placement``). A batch sampled by an older policy version than the trainer's (the asynchronous
+        loop) weights each token's loss by pi_old / pi_behaviour (``rl_math.behaviour_weights``).
+        """
         started = time.perf_counter()
         self._validate(batch)
         ppo = self.ppo
@@ -205,25 +248,58 @@ class TrainerBackend:
         mask = padded.response_mask  # (B, T)
         batch_size, width = mask.shape
 
-        old_logprobs, old_values = self._evaluate(padded, batch.temperature)
+        first_pass = None
+        if self._fused_first_pass(batch_size):
+            first_pass = self._forward(padded, batch.temperature)
+            old_logprobs = first_pass.logprobs.detach()
+            old_values = first_pass.values.detach() if first_pass.values is not None else None
+        else:
+            old_logprobs, old_values = self._evaluate(padded, batch.temperature)
         generation_logprobs = pad_right([lp.float() for lp in batch.generation_logprobs], width).to(self.device)
         reference_logprobs = pad_right([lp.float() for lp in batch.reference_logprobs], width).to(self.device)
 
         raw_scores = batch.scores.float().to(self.device)
         scores = self._shape_scores(raw_scores)
         kl_coef = self.kl_coef
-        kl = rl_math.kl_estimate(old_logprobs, reference_logprobs, ppo.kl.estimator)  # (B, T)
-        rewards = rl_math.kl_penalized_rewards(scores, kl, mask, kl_coef)
-        advantages, returns = rl_math.gae_advantages(rewards, old_values, mask, ppo.gamma, ppo.lam)
-        if ppo.whiten_advantages and int(mask.sum()) >= 2:  # whitening needs a variance, so two tokens
-            advantages = rl_math.masked_whiten(advantages, mask)
+        kl = rl_math.kl_estimate(old_logprobs, reference_logprobs, ppo.kl.effective_estimator)  # (B, T)
+        advantages, returns = self._advantages(batch, scores, kl, kl_coef, old_values, mask)
 
-        update = self._update(padded, old_logprobs, old_values, advantages, returns, batch.temperature)
+        weights = None
+        staleness = max(0, self.version - batch.policy_version)
+        if staleness:  # sampled by an older policy: decoupled PPO, centred on the trainer's pi_old
+            weights = rl_math.behaviour_weights(old_logprobs, generation_logprobs, mask, ppo.off_policy_cap)
+
+        update = self._update(
+            padded,
+            old_logprobs,
+            old_values,
+            advantages,
+            returns,
+            batch.temperature,
+            reference_logprobs=reference_logprobs if ppo.kl.placement is KLPlacement.LOSS else None,
+            kl_coef=kl_coef,
+            weights=weights,
+            first_pass=first_pass,
+        )
 
         sequence_kl = float(rl_math.masked_sum(kl, mask, dim=1).mean())
         self._kl_controller.update(sequence_kl, n_steps=batch_size)
         self.step += 1
         self.version += 1
+        extra = {
+            "critic_grad_norm": update["critic_grad_norm"],
+            "value_clip_fraction": update["value_clip_fraction"],
+            "shaped_score_mean": float(scores.mean()),
+            "skipped_minibatches": update["skipped_minibatches"],
+            "staleness": float(staleness),
+        }
+        if old_values is not None:
+            extra["value_mean"] = float(rl_math.masked_mean(old_values, mask))
+        if ppo.kl.placement is KLPlacement.LOSS:
+            extra["kl_loss"] = update["kl_loss"]
+        if weights is not None:
+            extra["behaviour_weight_mean"] = float(rl_math.masked_mean(weights, mask))
+            extra["behaviour_weight_capped"] = float(rl_math.masked_mean((weights >= ppo.off_policy_cap).float(), mask))
         return TrainStats(
             policy_loss=update["policy_loss"],
             value_loss=update["value_loss"],
@@ -233,7 +309,9 @@ class TrainerBackend:
             approx_kl=update["approx_kl"],
             score_mean=float(raw_scores.mean()),
             return_mean=float(rl_math.masked_mean(returns, mask)),
-            explained_variance=float(rl_math.explained_variance(old_values, returns, mask)),
+            explained_variance=(
+                float(rl_math.explained_variance(old_values, returns, mask)) if old_values is not None else 0.0
+            ),
             kl_coef=kl_coef,
             grad_norm=update["grad_norm"],
             learning_rate=self._optimizers["policy"].param_groups[0]["lr"],
@@ -242,14 +320,46 @@ class TrainerBackend:
             tokens=int(mask.sum()),
             step_seconds=time.perf_counter() - started,
             generation_logprob_diff=float(rl_math.masked_mean((old_logprobs - generation_logprobs).abs(), mask)),
-            extra={
-                "critic_grad_norm": update["critic_grad_norm"],
-                "value_clip_fraction": update["value_clip_fraction"],
-                "value_mean": float(rl_math.masked_mean(old_values, mask)),
-                "shaped_score_mean": float(scores.mean()),
-                "skipped_minibatches": update["skipped_minibatches"],
-            },
+            extra=extra,
         )
+
+    def _advantages(
+        self,
+        batch: RolloutBatch,
+        scores: torch.Tensor,
+        kl: torch.Tensor,
+        kl_coef: float,
+        old_values: torch.Tensor | None,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) advantages and returns (the value targets; without a critic, the returns the advantages
+        were built from) of the configured estimator."""
+        ppo = self.ppo
+        in_reward = ppo.kl.placement is KLPlacement.REWARD
+        rewards = rl_math.kl_penalized_rewards(scores, kl, mask, kl_coef if in_reward else 0.0)
+        estimator = ppo.advantage_estimator
+        if estimator is AdvantageEstimator.GAE:
+            advantages, returns = rl_math.gae_advantages(rewards, old_values, mask, ppo.gamma, ppo.lam)
+            if ppo.whiten_advantages and int(mask.sum()) >= 2:  # whitening needs a variance, so two tokens
+                advantages = rl_math.masked_whiten(advantages, mask)
+            return advantages, returns
+        returns = rl_math.discounted_returns(rewards, mask, ppo.gamma)
+        if estimator is AdvantageEstimator.REINFORCE_PLUS_PLUS:
+            return rl_math.reinforce_pp_advantages(rewards, mask, ppo.gamma), returns
+        # GRPO / RLOO: one reward per sequence, the score less the KL penalty summed over its tokens.
+        sequence_rewards = rl_math.masked_sum(rewards, mask, dim=1)
+        group_ids = batch.group_ids.to(self.device)
+        if estimator is AdvantageEstimator.GRPO:
+            advantages = rl_math.grpo_advantages(sequence_rewards, group_ids, mask, ppo.grpo_scale_rewards)
+        else:
+            advantages = rl_math.rloo_advantages(sequence_rewards, group_ids, mask)
+        return advantages, returns
+
+    def _fused_first_pass(self, batch_size: int) -> bool:
+        """Whether the first epoch's forward can give the old log-probs and values: the batch is one minibatch of
+        one micro-batch, so that forward runs on the weights the batch is evaluated at (no step before it)."""
+        ppo = self.ppo
+        return ppo.fuse_first_pass and batch_size <= ppo.minibatch_size and batch_size <= ppo.micro_batch_size
 
     def _validate(self, batch: RolloutBatch) -> None:
         """Raises ValueError naming the offending field; nothing is computed on a bad batch."""
@@ -280,6 +390,21 @@ class TrainerBackend:
                 raise ValueError(f"reference_logprobs[{i}]: non-finite values")
         if tuple(batch.scores.shape) != (size,):
             raise ValueError(f"scores: shape {tuple(batch.scores.shape)}, expected ({size},)")
+        if batch.group_ids is not None and tuple(batch.group_ids.shape) != (size,):
+            raise ValueError(f"group_ids: shape {tuple(batch.group_ids.shape)}, expected ({size},)")
+        if self.ppo.needs_groups:
+            if batch.group_ids is None:
+                raise ValueError(
+                    f"group_ids: advantage_estimator {self.ppo.advantage_estimator} needs the samples' groups "
+                    "(several samples per prompt: the run's sampling.samples_per_prompt >= 2)"
+                )
+            ids, counts = torch.unique(batch.group_ids, return_counts=True)
+            if bool((counts < 2).any()):
+                lonely = ids[counts < 2].tolist()[:5]
+                raise ValueError(
+                    f"group_ids: advantage_estimator {self.ppo.advantage_estimator} needs at least 2 samples per "
+                    f"group (set sampling.samples_per_prompt >= 2); groups {lonely} have one"
+                )
         if not bool(torch.isfinite(batch.scores).all()):
             raise ValueError("scores: non-finite values")
 
@@ -314,43 +439,74 @@ class TrainerBackend:
             values = self.critic(padded.input_ids, padded.attention_mask)
         return response_aligned(values.float(), padded.prompt_lengths, padded.response_mask.shape[1])
 
+    def _forward(self, micro: PaddedBatch, temperature: float) -> _Outputs:
+        """The policy's log-probs and entropy and (with a critic) the values of ``micro``, (b, T) each.
+
+        The log-probs and the entropy come from one pass over the (b, T, V) logits (``rl_math.logprobs_and_entropy``);
+        the entropy keeps its graph only when it is part of the loss.
+        """
+        logits = self._response_logits(micro)
+        logprobs, entropy = rl_math.logprobs_and_entropy(
+            logits, micro.response_ids, temperature, entropy_grad=self.ppo.entropy_coef > 0
+        )
+        values = self._response_values(micro) if self.critic is not None else None
+        return _Outputs(logprobs, entropy, values)
+
     @torch.no_grad()
-    def _evaluate(self, padded: PaddedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Old log-probs (under softmax(logits / temperature)) and values, (B, T) each, with the trainer's own
-        forward, in micro-batches."""
+    def _evaluate(self, padded: PaddedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Old log-probs (under softmax(logits / T)) and values (None without a critic), (B, T) each, with the
+        trainer's own forward, in micro-batches of similar lengths."""
         batch_size, width = padded.response_mask.shape
         logprobs = torch.zeros(batch_size, width, device=self.device)
-        values = torch.zeros(batch_size, width, device=self.device)
-        for rows in torch.arange(batch_size, device=self.device).split(self.ppo.micro_batch_size):
+        values = torch.zeros(batch_size, width, device=self.device) if self.critic is not None else None
+        for rows in _length_buckets(padded, torch.arange(batch_size, device=self.device), self.ppo.micro_batch_size):
             micro = padded.select(rows)
             micro_width = micro.response_mask.shape[1]
-            logprobs[rows, :micro_width] = rl_math.logprobs_from_logits(
-                self._response_logits(micro), micro.response_ids, temperature
-            )
-            values[rows, :micro_width] = self._response_values(micro)
+            logits = self._response_logits(micro)
+            logprobs[rows, :micro_width] = rl_math.logprobs_from_logits(logits, micro.response_ids, temperature)
+            del logits
+            if values is not None:
+                values[rows, :micro_width] = self._response_values(micro)
         return logprobs, values
 
     def _update(
         self,
         padded: PaddedBatch,
         old_logprobs: torch.Tensor,
-        old_values: torch.Tensor,
+        old_values: torch.Tensor | None,
         advantages: torch.Tensor,
         returns: torch.Tensor,
         temperature: float,
+        reference_logprobs: torch.Tensor | None = None,
+        kl_coef: float = 0.0,
+        weights: torch.Tensor | None = None,
+        first_pass: _Outputs | None = None,
     ) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled minibatches, one optimizer step per minibatch.
 
         Inputs are (B, T). Within a minibatch the gradients of its micro-batches are accumulated, each loss divided
-        by the minibatch's token count, so the step equals the one on the unsplit minibatch's token-mean loss.
-        Returns token-weighted means of the loss terms and diagnostics, and mean pre-clipping gradient norms.
+        by the minibatch's token count, so the step equals the one on the unsplit minibatch's token-mean loss; the
+        micro-batches are cut from the minibatch sorted by length (less padding; the sum is the same).
+        ``reference_logprobs``: the KL as a loss term, ``kl_coef`` * the configured estimator. ``weights``: the
+        off-policy weights of each token's policy loss. ``first_pass``: the first epoch's forward, already done
+        (the batch is one micro-batch). Returns token-weighted means of the loss terms and diagnostics, and mean
+        pre-clipping gradient norms.
         """
         ppo = self.ppo
         batch_size = padded.response_mask.shape[0]
         # Seeded by step so a run resumed from a checkpoint shuffles exactly as an uninterrupted one.
         generator = torch.Generator().manual_seed(ppo.seed + self.step)
         sums = dict.fromkeys(
-            ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "value_clip_fraction"), 0.0
+            (
+                "policy_loss",
+                "value_loss",
+                "entropy",
+                "clip_fraction",
+                "approx_kl",
+                "value_clip_fraction",
+                "kl_loss",
+            ),
+            0.0,
         )
         tokens_seen = 0.0
         norms: dict[str, list[float]] = {"policy": [], "critic": []}
@@ -358,46 +514,63 @@ class TrainerBackend:
         for _ in range(ppo.ppo_epochs):
             order = torch.randperm(batch_size, generator=generator).to(self.device)
             for minibatch in order.split(ppo.minibatch_size):
+                if first_pass is not None:  # the whole batch, as one micro-batch, in batch order
+                    micro_batches = [torch.arange(batch_size, device=self.device)]
+                else:
+                    micro_batches = _length_buckets(padded, minibatch, ppo.micro_batch_size)
                 minibatch_tokens = float(padded.response_mask[minibatch].sum())
                 for optimizer in self._optimizers.values():
                     optimizer.zero_grad(set_to_none=True)
-                for rows in minibatch.split(ppo.micro_batch_size):
+                for rows in micro_batches:
                     micro = padded.select(rows)
                     mask = micro.response_mask
                     width = mask.shape[1]
-                    old_lp, old_v = old_logprobs[rows, :width], old_values[rows, :width]
-                    adv, ret = advantages[rows, :width], returns[rows, :width]
-
-                    logits = self._response_logits(micro)
-                    logprobs = rl_math.logprobs_from_logits(logits, micro.response_ids, temperature)
-                    # Only keep the entropy's graph when it is part of the loss (it costs a float32 (b, T, V)).
-                    with torch.set_grad_enabled(ppo.entropy_coef > 0):
-                        entropy = rl_math.entropy_from_logits(logits, temperature)
-                    values = self._response_values(micro)
-
-                    policy_sum = rl_math.policy_loss_sum(logprobs, old_lp, adv, mask, ppo.clip_range)
-                    value_sum = rl_math.value_loss_sum(values, old_v, ret, mask, ppo.clip_range_value)
-                    entropy_sum = rl_math.masked_sum(entropy, mask)
-                    loss = (policy_sum + ppo.value_coef * value_sum - ppo.entropy_coef * entropy_sum) / minibatch_tokens
-                    loss.backward()
+                    outputs = first_pass if first_pass is not None else self._forward(micro, temperature)
+                    old_lp, adv = old_logprobs[rows, :width], advantages[rows, :width]
+                    w = weights[rows, :width] if weights is not None else None
+                    policy_sum = rl_math.weighted_policy_loss_sum(
+                        outputs.logprobs, old_lp, adv, mask, ppo.clip_range, w
+                    )
+                    entropy_sum = rl_math.masked_sum(outputs.entropy, mask)
+                    loss = policy_sum - ppo.entropy_coef * entropy_sum
+                    value_sum = None
+                    if outputs.values is not None:
+                        old_v, ret = old_values[rows, :width], returns[rows, :width]
+                        value_sum = rl_math.value_loss_sum(outputs.values, old_v, ret, mask, ppo.clip_range_value)
+                        loss = loss + ppo.value_coef * value_sum
+                    kl_sum = None
+                    if reference_logprobs is not None:
+                        kl_sum = rl_math.kl_loss_sum(
+                            outputs.logprobs, reference_logprobs[rows, :width], mask, ppo.kl.effective_estimator
+                        )
+                        loss = loss + kl_coef * kl_sum
+                    (loss / minibatch_tokens).backward()
 
                     with torch.no_grad():
                         micro_tokens = float(mask.sum())
-                        _, clip_fraction, approx_kl = rl_math.policy_loss(logprobs, old_lp, adv, mask, ppo.clip_range)
-                        _, value_clip = rl_math.value_loss(values, old_v, ret, mask, ppo.clip_range_value)
+                        _, clip_fraction, approx_kl = rl_math.policy_loss(
+                            outputs.logprobs, old_lp, adv, mask, ppo.clip_range
+                        )
                         sums["policy_loss"] += float(policy_sum)
-                        sums["value_loss"] += float(value_sum)
                         sums["entropy"] += float(entropy_sum)
                         sums["clip_fraction"] += float(clip_fraction) * micro_tokens
                         sums["approx_kl"] += float(approx_kl) * micro_tokens
-                        sums["value_clip_fraction"] += float(value_clip) * micro_tokens
+                        if value_sum is not None:
+                            _, value_clip = rl_math.value_loss(outputs.values, old_v, ret, mask, ppo.clip_range_value)
+                            sums["value_loss"] += float(value_sum)
+                            sums["value_clip_fraction"] += float(value_clip) * micro_tokens
+                        if kl_sum is not None:
+                            sums["kl_loss"] += float(kl_sum)
                         tokens_seen += micro_tokens
+                    del outputs
+                first_pass = None  # its graph is spent
 
                 policy_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), ppo.max_grad_norm)
-                critic_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), ppo.max_grad_norm)
                 norms["policy"].append(float(policy_norm))
-                norms["critic"].append(float(critic_norm))
-                if not (math.isfinite(norms["policy"][-1]) and math.isfinite(norms["critic"][-1])):
+                if self.critic is not None:
+                    critic_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), ppo.max_grad_norm)
+                    norms["critic"].append(float(critic_norm))
+                if not all(math.isfinite(n[-1]) for n in norms.values() if n):
                     # One non-finite gradient would poison Adam's moments and the weights for good.
                     log.warning("step %d: non-finite gradient norm, minibatch skipped", self.step)
                     skipped += 1
@@ -408,7 +581,7 @@ class TrainerBackend:
             optimizer.zero_grad(set_to_none=True)
         stats = {name: total / max(tokens_seen, 1.0) for name, total in sums.items()}
         stats["grad_norm"] = sum(norms["policy"]) / len(norms["policy"])
-        stats["critic_grad_norm"] = sum(norms["critic"]) / len(norms["critic"])
+        stats["critic_grad_norm"] = sum(norms["critic"]) / len(norms["critic"]) if norms["critic"] else 0.0
         stats["skipped_minibatches"] = float(skipped)
         return stats
 
@@ -418,7 +591,7 @@ class TrainerBackend:
 
     @property
     def _critic_has_adapter(self) -> bool:
-        return self.lora.enabled and self.lora.critic
+        return self.lora.enabled and self.lora.critic and self.critic is not None
 
     def _critic_checkpoint_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds of the critic: all of it, or with an adapter on its backbone what trains."""
@@ -461,7 +634,7 @@ class TrainerBackend:
                 del exported  # a merged copy is a whole model's memory
             if self._critic_has_adapter:
                 save_file(trainable_state(self.critic), str(staging / "critic.safetensors"))
-            else:
+            elif self.critic is not None:
                 save_model(self.critic, str(staging / "critic.safetensors"))
             tensors: dict[str, torch.Tensor] = {}
             optimizers = {
@@ -500,7 +673,7 @@ class TrainerBackend:
                 f"{directory}: a LoRA checkpoint (it has {ADAPTER_DIR}/), but this trainer's lora.rank is 0"
             )
         policy_files = ADAPTER_DIR if self.lora.enabled else "policy"
-        needed = (policy_files, "critic.safetensors", "optimizer.safetensors")
+        needed = (policy_files, "optimizer.safetensors") + (("critic.safetensors",) if self.critic is not None else ())
         missing = [n for n in needed if not (directory / n).exists()]
         if missing:
             raise ValueError(f"{directory}: incomplete checkpoint, missing {', '.join(missing)}")
@@ -518,10 +691,17 @@ class TrainerBackend:
             ).eval()
             if self._gradient_checkpointing:
                 precision.enable_gradient_checkpointing(policy)
-        critic_state = load_file(str(directory / "critic.safetensors"), device=str(self.device))
-        expected = {k: tuple(v.shape) for k, v in self._critic_checkpoint_state().items()}
-        if {k: tuple(v.shape) for k, v in critic_state.items()} != expected:
-            raise ValueError(f"{directory}: critic.safetensors does not match this trainer's critic")
+        critic_state = None
+        if self.critic is not None:
+            critic_state = load_file(str(directory / "critic.safetensors"), device=str(self.device))
+            expected = {k: tuple(v.shape) for k, v in self._critic_checkpoint_state().items()}
+            if {k: tuple(v.shape) for k, v in critic_state.items()} != expected:
+                raise ValueError(f"{directory}: critic.safetensors does not match this trainer's critic")
+        if set(state["optimizers"]) != set(self._optimizers):
+            raise ValueError(
+                f"{directory}: a checkpoint of a trainer with {sorted(state['optimizers'])} optimizers, this one has "
+                f"{sorted(self._optimizers)} (a critic checkpoint loads only into a trainer with a critic)"
+            )
         tensors = load_file(str(directory / "optimizer.safetensors"))
         optimizers = self._make_optimizers(policy)
         for name, optimizer in optimizers.items():
@@ -529,7 +709,8 @@ class TrainerBackend:
         self.policy = policy
         if adapter is not None:
             load_adapter_state(self.policy, adapter)
-        self.critic.load_state_dict(critic_state, strict=not self._critic_has_adapter)  # keys checked above
+        if critic_state is not None:
+            self.critic.load_state_dict(critic_state, strict=not self._critic_has_adapter)  # keys checked above
         self._optimizers = optimizers
         self.step = int(state["step"])
         self.version = int(state["version"])

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from shared.auth import AuthConfig
 from shared.config import StrictModel
 from shared.modeling import ModelConfig
-from shared.rl_math import KLEstimator
+from shared.rl_math import AdvantageEstimator, KLEstimator
 from shared.server import ServerConfig
 
 
@@ -28,6 +28,11 @@ class ScoreNormalization(enum.StrEnum):
     RUNNING = "running"  # (score - running mean) / running std over every score seen so far
 
 
+class KLPlacement(enum.StrEnum):
+    REWARD = "reward"  # InstructGPT: -beta * KL_t in each token's reward (k1 by default)
+    LOSS = "loss"  # GRPO: + beta * KL_t as a loss term on the policy's log-probs (k3 by default), none in the reward
+
+
 class KLConfig(StrictModel):
     mode: KLMode = Field(KLMode.ADAPTIVE, description="adaptive (Ziegler et al. 2019) or fixed KL coefficient")
     init_coef: float = Field(0.05, ge=0, description="initial (or, when fixed, constant) KL coefficient beta")
@@ -35,7 +40,29 @@ class KLConfig(StrictModel):
         6.0, gt=0, description="adaptive: target per-sequence KL(pi || pi_ref) in nats, summed over the response"
     )
     horizon: int = Field(10000, gt=0, description="adaptive: samples over which beta may change by 20%")
-    estimator: KLEstimator = Field(KLEstimator.K1, description="per-token KL estimator used in the reward")
+    estimator: KLEstimator | None = Field(
+        None,
+        description="per-token KL estimator: k1, k2 or k3; none means k1 in the reward and k3 (low variance, "
+        "Schulman 2020) as a loss term",
+    )
+    placement: KLPlacement = Field(
+        KLPlacement.REWARD, description="where the penalty goes: in the per-token reward, or as a loss term"
+    )
+
+    @property
+    def effective_estimator(self) -> KLEstimator:
+        if self.estimator is not None:
+            return self.estimator
+        return KLEstimator.K3 if self.placement is KLPlacement.LOSS else KLEstimator.K1
+
+    @model_validator(mode="after")
+    def _loss_needs_a_gradient(self) -> KLConfig:
+        if self.placement is KLPlacement.LOSS and self.estimator is KLEstimator.K1:
+            raise ValueError(
+                "estimator: k1 as a loss term has zero expected gradient (it does nothing); use k3 (or k2) with "
+                "placement loss, or placement reward"
+            )
+        return self
 
 
 class PPOConfig(StrictModel):
@@ -63,6 +90,26 @@ class PPOConfig(StrictModel):
         None, gt=0, description="clip scores to [-c, c] after normalisation; none disables"
     )
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm, per model")
+    advantage_estimator: AdvantageEstimator = Field(
+        AdvantageEstimator.GAE,
+        description="gae: a learned critic (GAE); grpo: each score normalised within the group of samples of its "
+        "prompt; rloo: the leave-one-out mean of the group as baseline; reinforce_plus_plus: returns whitened over "
+        "the batch. The last three load no critic; grpo and rloo need samples_per_prompt >= 2",
+    )
+    grpo_scale_rewards: bool = Field(
+        True, description="grpo: divide by the group's standard deviation (false: Dr. GRPO, mean-centred only)"
+    )
+    off_policy_cap: float = Field(
+        2.0,
+        gt=0,
+        description="a batch sampled by an older policy version (the asynchronous loop): each token's loss is "
+        "weighted by pi_old / pi_behaviour (the trainer's log-prob over generation's), truncated at this cap",
+    )
+    fuse_first_pass: bool = Field(
+        True,
+        description="when the batch is one minibatch of one micro-batch, the old log-probs and values come from "
+        "the first epoch's own forward (the weights have not moved yet) instead of a forward of their own",
+    )
     kl: KLConfig = Field(default_factory=KLConfig, description="KL penalty")
     seed: int = Field(0, description="seed of the initialisation and of the minibatch shuffling")
 
@@ -73,6 +120,14 @@ class PPOConfig(StrictModel):
                 f"micro_batch_size ({self.micro_batch_size}) must be <= minibatch_size ({self.minibatch_size})"
             )
         return self
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator is AdvantageEstimator.GAE
+
+    @property
+    def needs_groups(self) -> bool:
+        return self.advantage_estimator in (AdvantageEstimator.GRPO, AdvantageEstimator.RLOO)
 
 
 class CriticConfig(StrictModel):

@@ -45,6 +45,7 @@ def rollout_from_pb(request: trainer_pb2.TrainStepRequest) -> RolloutBatch:
         generation_logprobs=[g.to(torch.float32) for g in generation],
         policy_version=request.policy_version,
         temperature=request.temperature or 1.0,
+        group_ids=torch.tensor(list(request.group_ids), dtype=torch.int64) if request.group_ids else None,
     )
 
 
@@ -60,6 +61,7 @@ def rollout_to_pb(batch: RolloutBatch, run_id: str = "", iteration: int = 0) -> 
         temperature=batch.temperature,
         run_id=run_id,
         iteration=iteration,
+        group_ids=[] if batch.group_ids is None else batch.group_ids.tolist(),
     )
 
 
