@@ -108,6 +108,17 @@ class RunConfig(StrictModel):
     record_rollouts: bool = Field(
         False, description="write every sample (prompt, response, score) to runs_dir/<run-id>/rollouts.jsonl"
     )
+    asynchronous: bool = Field(
+        False,
+        description="sample the next iterations' batches (generate, score, reference) while the trainer trains on "
+        "this one: off-policy by up to max_staleness versions; false = the synchronous loop",
+    )
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        description="asynchronous: how many policy versions the weights that sampled a batch may be behind the "
+        "trainer's when it trains on it (0 = on-policy, the synchronous loop's result)",
+    )
 
 
 class ApiConfig(StrictModel):

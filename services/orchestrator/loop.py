@@ -7,6 +7,11 @@ store.put_step(run, iteration, step)                             # before the tr
 stats    = trainer.train_step(step)                              # keyed (run, iteration) -> version v+1
 generation.sync_weights(v+1)                                     # before the next generate
 store.commit_iteration(run, iteration, record)
+
+The asynchronous form (``RunConfig.asynchronous``) samples iterations i+1 .. i+s (s = ``max_staleness``) in tasks of
+their own while the trainer works on iteration i: iteration j is sampled once generation serves the policy after
+iteration j-1-s, and generation's weights change only between batches, so the trainer applies a batch at most s
+versions after the one that sampled it (exactly s once under way). With s = 0 it is the synchronous loop.
 """
 
 from __future__ import annotations
@@ -55,15 +60,28 @@ class IterationRecord:
     clip_fraction: float
     approx_kl: float
     explained_variance: float
-    phase_seconds: dict[str, float]  # generate, score+reference (overlapped), train, weight_sync
+    # generate, score, reference, score_and_reference (score and reference overlap), train, weight_sync; the
+    # asynchronous form adds sample_wait (how long the trainer waited for this batch: the part of its sampling that
+    # training did not hide), and its weight_sync includes waiting for batches under generation to finish.
+    phase_seconds: dict[str, float]
     weight_sync_bytes: int
     samples: int
     wall_seconds: float
     example: dict[str, str] = field(default_factory=dict)  # one prompt/response, for a human to read
+    generation_policy_version: int = -1  # the policy version that sampled the batch (-1: a record from before)
+    staleness: int = 0  # trainer's version before the step - generation_policy_version (0 = on-policy)
 
 
 class StopRequested(Exception):
     pass
+
+
+@dataclass
+class SampledAhead:
+    """The asynchronous form: one iteration's batch, sampled in a task of its own."""
+
+    task: asyncio.Task  # -> (summary, step), as _sample returns them; not stored yet
+    generated: asyncio.Event  # set once generation is done with the batch (or the task ended)
 
 
 RECHECK_S = 15.0  # while no generation replica serves the policy, look at the trainer again this often
@@ -149,18 +167,24 @@ class RLHFLoop:
                 s.top_k,
             )
         start = time.perf_counter()
-        for iteration in range(len(self.records) + 1, self.config.iterations + 1):
-            if self.stop_requested:
-                log.info("run %s: stop requested; ending after %d iterations", self.run_id, iteration - 1)
-                break
-            with log_context(self.run_id, iteration):  # on every log line here and in the services
-                record = await self._iteration(iteration)
-            self.records.append(record)
-            self._publish(record)
-            with (self.run_dir / "iterations.jsonl").open("a") as handle:
-                handle.write(json.dumps(asdict(record)) + "\n")
-            if self.on_iteration is not None:
-                self.on_iteration(record)
+        # Asynchronous form: the iterations sampled ahead, under way (the synchronous form keeps None).
+        ahead: dict[int, SampledAhead] | None = {} if self.config.asynchronous else None
+        try:
+            for iteration in range(len(self.records) + 1, self.config.iterations + 1):
+                if self.stop_requested:
+                    log.info("run %s: stop requested; ending after %d iterations", self.run_id, iteration - 1)
+                    break
+                with log_context(self.run_id, iteration):  # on every log line here and in the services
+                    record = await self._iteration(iteration, ahead)
+                self.records.append(record)
+                self._publish(record)
+                with (self.run_dir / "iterations.jsonl").open("a") as handle:
+                    handle.write(json.dumps(asdict(record)) + "\n")
+                if self.on_iteration is not None:
+                    self.on_iteration(record)
+        finally:
+            if ahead:
+                await _cancel(ahead)
         final_checkpoint = None
         if self.config.checkpoint_at_end and self.records:  # under the trainer's checkpoint root
             final_checkpoint = await self.clients.trainer.save_checkpoint(f"runs/{self.run_id}")
@@ -192,16 +216,22 @@ class RLHFLoop:
             kept = [line for line in rollouts.open() if line.strip() and json.loads(line)["iteration"] <= done]
             _rewrite(rollouts, "".join(kept))
 
-    async def _iteration(self, iteration: int) -> IterationRecord:
+    async def _iteration(self, iteration: int, ahead: dict[int, SampledAhead] | None = None) -> IterationRecord:
+        """One iteration; ``ahead``: the asynchronous form's batches under way (None: the synchronous form)."""
         phases: dict[str, float] = {}
         t0 = time.perf_counter()
         stored = await asyncio.to_thread(self.store.get_step, self.run_id, iteration)
+        if ahead is not None:
+            await self._sample_ahead(iteration, ahead, this_one=stored is None)
         if stored is not None:  # the orchestrator stopped after storing this step: send the same one again
             summary, step = unpack_step(stored)
             log.info("run %s iteration %d: sending its stored step again", self.run_id, iteration)
             phases.update(summary["phases"])
         else:
-            summary, step = await self._sample(iteration, phases)
+            if ahead is None:
+                summary, step = await self._sample(iteration, phases)
+            else:
+                summary, step = await self._sampled_ahead(iteration, ahead, phases)
             await asyncio.to_thread(self.store.put_step, self.run_id, iteration, pack_step(summary, step))
         t2 = time.perf_counter()
         result = await self._train(iteration, step)
@@ -221,6 +251,8 @@ class RLHFLoop:
                         "score": score,
                     }
                     handle.write(json.dumps(line) + "\n")
+        if ahead:  # generation's weights change between batches, never under one
+            await asyncio.gather(*(sampling.generated.wait() for sampling in ahead.values()))
         # Best effort: a replica that misses the new weights is synced before the next batch is sampled.
         sync = await self.clients.generation.sync_weights(stats.policy_version, stats.policy_epoch)
         phases["weight_sync"] = time.perf_counter() - t3
@@ -247,6 +279,8 @@ class RLHFLoop:
             samples=len(lengths),
             wall_seconds=time.perf_counter() - t0,
             example={"prompt": describe(summary["prompts"][0]), "response": summary["texts"][0]},
+            generation_policy_version=summary["policy_version"],
+            staleness=stats.policy_version - 1 - summary["policy_version"],
         )
         end = iteration * self.config.prompts_per_iteration
         checkpoint = self.document.doc.get("checkpoint")
@@ -267,8 +301,53 @@ class RLHFLoop:
             self._checkpoints = self._checkpoints[-2:]
         return record
 
-    async def _sample(self, iteration: int, phases: dict[str, float]) -> tuple[dict, bytes]:
-        """Generates, scores and gets the reference log-probs of the iteration's batch: the step to send."""
+    async def _sample_ahead(self, iteration: int, ahead: dict[int, SampledAhead], this_one: bool) -> None:
+        """(From the main task, the only one that talks to the trainer.) Brings generation to the trainer's policy
+        after iteration - 1 (or after this iteration, when the trainer applied its stored step before the
+        orchestrator stopped), then starts sampling the iterations up to iteration + max_staleness not under way
+        (this one too when ``this_one``: its step is not stored)."""
+        position = await self.clients.trainer.get_state()
+        if position.iteration_of(self.run_id) not in (iteration - 1, iteration):
+            position = await self._reconcile(iteration - 1)
+        await self.clients.generation.sync_weights(position.version, position.epoch)
+        last = min(iteration + self.config.max_staleness, self.config.iterations)
+        for later in range(iteration if this_one else iteration + 1, last + 1):
+            if later not in ahead:
+                generated = asyncio.Event()
+                ahead[later] = SampledAhead(asyncio.create_task(self._sample_task(later, generated)), generated)
+
+    async def _sample_task(self, iteration: int, generated: asyncio.Event) -> tuple[dict, bytes]:
+        try:
+            with log_context(self.run_id, iteration):  # not the main task's iteration
+                return await self._sample(iteration, {}, generated)
+        finally:
+            generated.set()  # failed or cancelled: nothing to wait for
+
+    async def _sampled_ahead(
+        self, iteration: int, ahead: dict[int, SampledAhead], phases: dict[str, float]
+    ) -> tuple[dict, bytes]:
+        """The step sampled ahead for ``iteration``. When generation had no replica for it, the batches under way
+        are dropped and this one is sampled the synchronous way (which looks at the trainer while it waits)."""
+        task = ahead.pop(iteration).task
+        begin = time.perf_counter()
+        try:
+            summary, step = await task
+        except NoReplicaError as exc:
+            log.warning(
+                "run %s iteration %d: %s; sampling it again, without sampling ahead", self.run_id, iteration, exc
+            )
+            await _cancel(ahead)
+            return await self._sample(iteration, phases)
+        phases.update(summary["phases"])
+        phases["sample_wait"] = time.perf_counter() - begin
+        return summary, step
+
+    async def _sample(
+        self, iteration: int, phases: dict[str, float], generated: asyncio.Event | None = None
+    ) -> tuple[dict, bytes]:
+        """Generates, scores and gets the reference log-probs of the iteration's batch: the step to send.
+        ``generated``: sampled ahead (the main task synced generation; only it talks to the trainer), set once the
+        batch is generated."""
         t0 = time.perf_counter()
         size = self.config.prompts_per_iteration
         prompts = self.cursor.batch_at((iteration - 1) * size, size)
@@ -281,7 +360,11 @@ class RLHFLoop:
             seed=iteration_seed(self.config.seed, iteration),
             samples_per_prompt=s.samples_per_prompt,
         )
-        rollouts = await self._generate(iteration, prompts, params)
+        if generated is None:
+            rollouts = await self._generate(iteration, prompts, params)
+        else:
+            rollouts = await self.clients.generation.generate(prompts, params, wait_s=RECHECK_S)
+            generated.set()
         phases["generate"] = time.perf_counter() - t0
 
         async def timed(name, awaitable):
@@ -419,6 +502,14 @@ class RLHFLoop:
             "stopped_early": len(records) < self.config.iterations,
             "config": self.config.model_dump(mode="json"),
         }
+
+
+async def _cancel(ahead: dict[int, SampledAhead]) -> None:
+    """Drops the batches sampled ahead (nothing of theirs is stored yet)."""
+    for sampling in ahead.values():
+        sampling.task.cancel()
+    await asyncio.gather(*(sampling.task for sampling in ahead.values()), return_exceptions=True)
+    ahead.clear()
 
 
 def _rewrite(path: Path, text: str) -> None:
