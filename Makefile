@@ -71,8 +71,15 @@ demo-ppo: $(GEN_STAMP)
 test: $(GEN_STAMP) system-deps
 	$(PY) -m pytest -q
 
-# Figures side by side with a baseline measured in the same run: gRPC vs in-process loop, packed vs repeated float.
-bench: $(GEN_STAMP)
+# Figures side by side with a baseline measured in the same run: the RL loop against TRL's PPOTrainer (trl 1.12, a
+# bench-only package from requirements-bench.txt), the advantage estimators, the asynchronous loop, weight sync
+# against a raw socket, generation replicas, gRPC vs in-process loop, packed vs repeated float, the reward API.
+BENCH_STAMP := .venv/.bench-installed
+$(BENCH_STAMP): requirements-bench.txt $(VENV_STAMP)
+	$(PIP) install -q --disable-pip-version-check -c requirements.lock -r requirements-bench.txt
+	touch $@
+
+bench: $(GEN_STAMP) $(BENCH_STAMP)
 	$(PY) -m services.bench
 
 # One long run with many random kill -9s of every process (and of Redis), each restarted on its address, against

@@ -77,10 +77,20 @@ def run_trl(policy: Path, reward: Path, iterations: int, work: Path) -> Result:
     """TRL's PPOTrainer on the models, with its phases timed from the functions its loop calls."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import datasets
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+        masking_utils,
+    )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 
+    from shared import attention_masks
+
+    # TRL as shipped: transformers' own attention mask (this process may have installed the project's faster one).
+    masking_utils.AttentionMaskInterface.register("sdpa", attention_masks._library_sdpa_mask)
     torch.set_num_threads(THREADS)
     tokenizer = AutoTokenizer.from_pretrained(policy)
     tokenizer.padding_side = "left"
@@ -162,9 +172,12 @@ def run_trl(policy: Path, reward: Path, iterations: int, work: Path) -> Result:
     return _summarise(marks)
 
 
-def project_configs(policy: Path, reward: Path, ppo_overrides: dict | None = None) -> dict[str, dict]:
-    """The four services' configs for the comparison (every process on ``THREADS`` threads)."""
-    model = {"path": str(policy), "cpu_threads": THREADS}
+def project_configs(
+    policy: Path, reward: Path, ppo_overrides: dict | None = None, threads: dict[str, int] | None = None
+) -> dict[str, dict]:
+    """The four services' configs for the comparison: ``threads`` per role (default ``THREADS`` each). The trainer
+    writes no checkpoint (TRL's run saves none either)."""
+    threads = {role: THREADS for role in ("generation", "reward", "reference", "trainer")} | (threads or {})
     server = {"port": 0, "metrics_port": 0, "grace_seconds": 5}
     ppo = {
         "learning_rate": LEARNING_RATE,
@@ -175,29 +188,37 @@ def project_configs(policy: Path, reward: Path, ppo_overrides: dict | None = Non
         "kl": {"mode": "fixed", "init_coef": KL_COEF, "estimator": "k1"},
         **(ppo_overrides or {}),
     }
+
+    def model(role: str, path: Path = policy) -> dict:
+        return {"path": str(path), "cpu_threads": threads[role]}
+
     return {
-        "generation": {"server": dict(server), "model": dict(model)},
-        "reward": {
-            "server": dict(server),
-            "model": {"path": str(reward), "cpu_threads": THREADS},
-            "normalize": False,
-        },
-        "reference": {"server": dict(server), "model": dict(model)},
+        "generation": {"server": dict(server), "model": model("generation")},
+        "reward": {"server": dict(server), "model": model("reward", reward), "normalize": False},
+        "reference": {"server": dict(server), "model": model("reference")},
         "trainer": {
             "server": dict(server),
-            "policy": dict(model),
+            "policy": model("trainer"),
             "critic": {"init": "reward_model", "path": str(reward)},
             "ppo": ppo,
+            "checkpoint": {"root": ""},
         },
     }
 
 
 def run_project(
-    policy: Path, reward: Path, iterations: int, work: Path, ppo_overrides: dict | None = None, run: dict | None = None
+    policy: Path,
+    reward: Path,
+    iterations: int,
+    work: Path,
+    ppo_overrides: dict | None = None,
+    run: dict | None = None,
+    threads: dict[str, int] | None = None,
 ) -> Result:
     """The services and the orchestrator as processes on loopback; phases from the run's iteration records."""
     from services.launcher import Launcher, follow_run, start_stack
 
+    work.mkdir(parents=True, exist_ok=True)
     dataset = work / "prompts.jsonl"
     dataset.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(PROMPTS_PER_ITERATION * iterations)))
     request = {
@@ -211,22 +232,100 @@ def run_project(
         **(run or {}),
     }
     with Launcher(work / "processes") as launcher:
-        _, api = start_stack(launcher, project_configs(policy, reward, ppo_overrides))
+        _, api = start_stack(launcher, project_configs(policy, reward, ppo_overrides, threads))
         status = follow_run(api, request, quiet=True)
     if status["state"] != "completed":
         raise RuntimeError(f"the project's run ended {status['state']}: {status.get('error')}")
     return _summarise([{"wall": r["wall_seconds"], "phases": r["phase_seconds"]} for r in status["stats"]])
 
 
-def compare(iterations: int, sizes=SIZES) -> list[dict]:
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bench_estimators(policy: Path, reward: Path, steps: int = 3) -> list[dict]:
+    """One trainer process's step on the same rollout batch (4 prompts x 4 samples, 32-token responses) with each
+    advantage estimator: seconds per step (mean of ``steps`` after a warm-up) and the bytes of the tensors the
+    trainer keeps (weights, gradients at their peak, AdamW state). GAE loads the critic; the others do not."""
+    from services.trainer.backend import TrainerBackend
+    from services.trainer.config import CriticConfig, PPOConfig
+    from shared.modeling import ModelConfig
+    from shared.types import RolloutBatch
+
+    torch.set_num_threads(THREADS)
+    generator = torch.Generator().manual_seed(0)
+    groups, per_group = 4, 4
+    prompts = [torch.randint(4, 400, (6,), generator=generator) for _ in range(groups)]
+    prompt_ids = [p for p in prompts for _ in range(per_group)]
+    responses = [torch.randint(4, 400, (NEW_TOKENS,), generator=generator) for _ in prompt_ids]
+    batch = RolloutBatch(
+        prompt_ids=prompt_ids,
+        response_ids=responses,
+        scores=torch.randn(len(responses), generator=generator),
+        reference_logprobs=[torch.full((NEW_TOKENS,), -6.0) for _ in responses],
+        generation_logprobs=[torch.full((NEW_TOKENS,), -6.0) for _ in responses],
+        group_ids=torch.arange(groups).repeat_interleave(per_group),
+    )
+    rows = []
+    for estimator in ("gae", "grpo", "rloo", "reinforce_plus_plus"):
+        ppo = PPOConfig(
+            learning_rate=LEARNING_RATE,
+            ppo_epochs=PPO_EPOCHS,
+            minibatch_size=len(responses),
+            micro_batch_size=len(responses),
+            advantage_estimator=estimator,
+        )
+        trainer = TrainerBackend(
+            ModelConfig(path=str(policy), cpu_threads=THREADS),
+            CriticConfig(init="reward_model", path=str(reward)),
+            ppo,
+        )
+        trainer.train_step(batch)  # warm-up; the optimizer state exists from here on
+        started = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batch)
+        seconds = (time.perf_counter() - started) / steps
+        models = [m for m in (trainer.policy, trainer.critic) if m is not None]
+        parameters = [p for m in models for p in m.parameters()]
+        optimizer = _tensor_bytes(
+            t for o in trainer._optimizers.values() for state in o.state.values() for t in state.values() if t.dim()
+        )
+        total = _tensor_bytes(parameters) * 2 + optimizer  # weights + gradients (all trainable) + AdamW moments
+        rows.append({"estimator": estimator, "critic": trainer.critic is not None, "seconds": seconds, "bytes": total})
+        del trainer
+    return rows
+
+
+def print_estimators(rows: list[dict], size: str) -> None:
+    base = rows[0]
+    print(
+        f"\nadvantage estimators, {size} policy: one trainer step on 16 samples (4 prompts x 4) x {NEW_TOKENS} "
+        f"tokens, {PPO_EPOCHS} epochs, {THREADS} threads; tensors kept = weights + gradients + AdamW state"
+    )
+    print(f"{'estimator':>22} {'critic':>7} {'s per step':>11} {'vs GAE':>7} {'tensors kept':>13} {'vs GAE':>7}")
+    for r in rows:
+        print(
+            f"{r['estimator']:>22} {'yes' if r['critic'] else 'no':>7} {r['seconds']:>9.3f} s "
+            f"{r['seconds'] / base['seconds']:>6.2f}x {r['bytes'] / 2**20:>9.0f} MiB "
+            f"{r['bytes'] / base['bytes']:>6.2f}x"
+        )
+
+
+def compare(iterations: int, sizes=SIZES, asynchronous: bool = True) -> list[dict]:
+    """Per size: the project's synchronous loop, its asynchronous loop (one step off-policy) and TRL, on the same
+    models and settings."""
     rows = []
     for name, hidden, layers in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             policy, reward, parameters = build_models(work, hidden, layers)
-            project = run_project(policy, reward, iterations, work)
-            trl = run_trl(policy, reward, iterations, work)
-        rows.append({"size": name, "parameters": parameters, "trl": trl, "project": project})
+            row = {"size": name, "parameters": parameters}
+            row["project"] = run_project(policy, reward, iterations, work / "sync")
+            if asynchronous:
+                run = {"asynchronous": True, "max_staleness": 1, "run_id": "bench-async"}
+                row["project_async"] = run_project(policy, reward, iterations, work / "async", run=run)
+            row["trl"] = run_trl(policy, reward, iterations, work)
+        rows.append(row)
     return rows
 
 
@@ -236,20 +335,33 @@ def print_comparison(rows: list[dict], iterations: int) -> None:
         f"{PPO_EPOCHS} PPO epochs, one minibatch, {THREADS} threads per process, float32 on CPU; "
         f"{iterations} iterations, mean of iterations 2..{iterations}"
     )
-    print(f"{'model':>16} {'TRL samples/s':>14} {'project samples/s':>18} {'ratio':>7}")
+    print(
+        f"{'model':>16} {'TRL samples/s':>14} {'project samples/s':>18} {'ratio':>7} {'project async':>14} {'ratio':>7}"
+    )
     for r in rows:
         trl, project = r["trl"], r["project"]
         label = f"{r['size']} ({r['parameters'] / 1e6:.2f}M)"
-        print(
+        line = (
             f"{label:>16} {trl.samples_per_second:>14.2f} {project.samples_per_second:>18.2f} "
             f"{project.samples_per_second / trl.samples_per_second:>6.2f}x"
         )
-    print(f"\n{'seconds per iteration':>28} " + " ".join(f"{p:>20}" for p in (*PHASES, "iteration")))
+        if "project_async" in r:
+            fast = r["project_async"].samples_per_second
+            line += f" {fast:>14.2f} {fast / trl.samples_per_second:>6.2f}x"
+        print(line)
+    print(f"\n{'seconds per iteration':>30} " + " ".join(f"{p:>20}" for p in (*PHASES, "iteration")))
+    names = {"trl": "TRL", "project": "project", "project_async": "project async"}
     for r in rows:
-        for who in ("trl", "project"):
+        for who, label in names.items():
+            if who not in r:
+                continue
             result: Result = r[who]
             cells = [f"{result.phases[p]:>18.3f} s" for p in PHASES] + [f"{result.iteration_seconds:>18.3f} s"]
-            print(f"{r['size'] + ' ' + ('TRL' if who == 'trl' else 'project'):>28} " + " ".join(cells))
+            print(f"{r['size'] + ' ' + label:>30} " + " ".join(cells))
+    print(
+        "(project async: generation of the next batch overlaps training, so its phases add up to more than the "
+        "iteration; TRL has no weight sync: its policy is one object)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,9 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=6)
     names = [s[0] for s in SIZES]
     parser.add_argument("--sizes", nargs="*", default=names, help="which of: " + ", ".join(names))
+    parser.add_argument("--no-async", action="store_true", help="skip the asynchronous loop's run")
+    parser.add_argument("--estimators", action="store_true", help="also the advantage estimators at the last size")
     args = parser.parse_args(argv)
     sizes = [s for s in SIZES if s[0] in args.sizes]
-    print_comparison(compare(args.iterations, sizes), args.iterations)
+    print_comparison(compare(args.iterations, sizes, asynchronous=not args.no_async), args.iterations)
+    if args.estimators:
+        name, hidden, layers = sizes[-1]
+        with tempfile.TemporaryDirectory() as tmp:
+            policy, reward, _ = build_models(Path(tmp), hidden, layers)
+            print_estimators(bench_estimators(policy, reward), name)
     return 0
 
 

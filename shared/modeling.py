@@ -15,9 +15,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from shared import attention_masks
 from shared.config import StrictModel
 
 log = logging.getLogger(__name__)
+
+# Every role loads its models through this module: padded batches get the broadcast causal + padding mask instead of
+# transformers' vmapped one (the same mask, a fraction of the time; see shared.attention_masks).
+attention_masks.install()
 
 
 class Device(enum.StrEnum):
