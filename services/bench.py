@@ -12,6 +12,11 @@ machines are noisy).
 4. The reward model as a public API: 64 concurrent clients over REST and over gRPC against the reward service on
    loopback (a tiny and a larger reward model), against the same model's raw batched forward in this process (the
    baseline); ``services/loadtest.py``.
+5. Against TRL 1.12's PPOTrainer (the baseline), the same PPO work at 0.1M and 19M parameters, with the phase
+   breakdown, the synchronous and the asynchronous loop; and the advantage estimators (GAE with the critic against
+   GRPO, RLOO and REINFORCE++ without one): ``services/bench_trl.py``.
+6. Weight sync against a raw loopback socket moving the same bytes, and rollout throughput with 1, 2, ...
+   generation replicas against one: ``services/bench_transport.py``.
 """
 
 from __future__ import annotations
@@ -253,7 +258,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec-repeats", type=int, default=20)
     parser.add_argument("--skip-memory", action="store_true", help="skip the real-model memory figures")
     parser.add_argument("--reward-api-seconds", type=float, default=60.0, help="per transport; 0 skips the section")
+    parser.add_argument("--trl-iterations", type=int, default=6, help="PPO iterations per run against TRL; 0 skips")
+    parser.add_argument("--skip-transport", action="store_true", help="skip weight sync and generation replicas")
     args = parser.parse_args(argv)
+
+    if args.trl_iterations:
+        from services import bench_trl
+
+        rows = bench_trl.compare(args.trl_iterations)
+        bench_trl.print_comparison(rows, args.trl_iterations)
+        name, hidden, layers = bench_trl.SIZES[-1]
+        with tempfile.TemporaryDirectory() as tmp:
+            policy, reward, _ = bench_trl.build_models(Path(tmp), hidden, layers)
+            bench_trl.print_estimators(bench_trl.bench_estimators(policy, reward), name)
+            if not args.skip_transport:
+                from services import bench_transport
+
+                print()
+                bench_transport.print_weight_sync(bench_transport.bench_weight_sync(policy, Path(tmp) / "sync"))
+                print()
+                bench_transport.print_rollouts(bench_transport.bench_rollouts(policy, Path(tmp) / "rollouts"))
+        print()
 
     if not args.skip_memory:
         from shared.pretrained import smollm2_dir
