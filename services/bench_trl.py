@@ -15,8 +15,10 @@ TRL is a bench-only dependency (``requirements-bench.txt``, installed by ``make 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -42,6 +44,7 @@ class Result:
     samples_per_second: float
     iteration_seconds: float
     phases: dict[str, float]  # seconds per iteration
+    cpu_seconds: float = float("nan")  # user + system CPU seconds per iteration, every process, all iterations
 
 
 def build_models(work: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
@@ -166,10 +169,17 @@ def run_trl(policy: Path, reward: Path, iterations: int, work: Path) -> Result:
             train_dataset=dataset,
             callbacks=[StepEnd()],
         )
+        before = _own_cpu_seconds()
         trainer.train()
+        cpu = (_own_cpu_seconds() - before) / iterations
     finally:
         trl_ppo.batch_generation, trl_ppo.forward = original_generation, original_forward
-    return _summarise(marks)
+    return dataclasses.replace(_summarise(marks), cpu_seconds=cpu)
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
 
 
 def project_configs(
@@ -231,12 +241,18 @@ def run_project(
         "run_id": "bench-project",
         **(run or {}),
     }
+    from services.bench_transport import _cpu_seconds
+
     with Launcher(work / "processes") as launcher:
         _, api = start_stack(launcher, project_configs(policy, reward, ppo_overrides, threads))
+        pids = [p.process.pid for p in launcher.processes]  # the four services and the orchestrator
+        before = _cpu_seconds(pids)
         status = follow_run(api, request, quiet=True)
+        cpu = (_cpu_seconds(pids) - before) / iterations
     if status["state"] != "completed":
         raise RuntimeError(f"the project's run ended {status['state']}: {status.get('error')}")
-    return _summarise([{"wall": r["wall_seconds"], "phases": r["phase_seconds"]} for r in status["stats"]])
+    result = _summarise([{"wall": r["wall_seconds"], "phases": r["phase_seconds"]} for r in status["stats"]])
+    return dataclasses.replace(result, cpu_seconds=cpu)
 
 
 def _tensor_bytes(tensors) -> int:
@@ -349,7 +365,9 @@ def print_comparison(rows: list[dict], iterations: int) -> None:
             fast = r["project_async"].samples_per_second
             line += f" {fast:>14.2f} {fast / trl.samples_per_second:>6.2f}x"
         print(line)
-    print(f"\n{'seconds per iteration':>30} " + " ".join(f"{p:>20}" for p in (*PHASES, "iteration")))
+    print(
+        f"\n{'seconds per iteration':>30} " + " ".join(f"{p:>20}" for p in (*PHASES, "iteration", "CPU s (all cores)"))
+    )
     names = {"trl": "TRL", "project": "project", "project_async": "project async"}
     for r in rows:
         for who, label in names.items():
@@ -357,10 +375,12 @@ def print_comparison(rows: list[dict], iterations: int) -> None:
                 continue
             result: Result = r[who]
             cells = [f"{result.phases[p]:>18.3f} s" for p in PHASES] + [f"{result.iteration_seconds:>18.3f} s"]
+            cells.append(f"{result.cpu_seconds:>18.2f} s")
             print(f"{r['size'] + ' ' + label:>30} " + " ".join(cells))
     print(
         "(project async: generation of the next batch overlaps training, so its phases add up to more than the "
-        "iteration; TRL has no weight sync: its policy is one object)"
+        "iteration; TRL has no weight sync: its policy is one object. CPU s: user + system CPU seconds per iteration "
+        "of every process (TRL's one; the project's four services and orchestrator), iteration 1 included)"
     )
 
 
