@@ -161,7 +161,9 @@ class GenerationServicer(BackendHolder, generation_pb2_grpc.GenerationServicer):
             assembler = backend.weight_assembler()
             async for chunk in chunks:
                 assembler.add(chunk)
-            state = assembler.finish()
+            # Tensors are made on the model thread, as every torch call of the service is (a second thread's
+            # torch work gives torch a second OpenMP team, which slowed later model calls down; see the trainer).
+            state = await self.worker.run(assembler.finish)
             await self.worker.run(
                 backend.swap_weights, state, assembler.version, assembler.adapter_config, assembler.epoch
             )
