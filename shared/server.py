@@ -23,6 +23,7 @@ from shared.auth import AuthConfig, ServerAuth
 from shared.config import StrictModel
 from shared.errors import ErrorInterceptor, NotReady
 from shared.http import HttpServer
+from shared.worker import model_thread
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,11 @@ async def serve(
     warm_up: Callable[[object], None] | None,
     grace_seconds: float,
     on_ready: Callable[[Server], None] | None = None,
+    *,
+    role: str,
 ) -> None:
-    """Runs a built server to the end: listen (health NOT_SERVING), load the backend on a thread, warm it up,
+    """Runs a built server to the end: listen (health NOT_SERVING), load the backend on ``role``'s model thread
+    (``shared.worker.model_thread``, where its ModelWorker runs every later call), warm it up there,
     flip health to SERVING; on SIGTERM/SIGINT go NOT_SERVING, drain in-flight RPCs for ``grace_seconds``, stop.
 
     Listening before the model is loaded lets probes and clients see the service come up.
@@ -159,13 +163,14 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("listening on port %d; loading the model", server.port)
-    load = asyncio.create_task(asyncio.to_thread(load_backend))
+    # On the model thread, where every later torch call of the service runs (shared.worker says why).
+    load = loop.run_in_executor(model_thread(role), load_backend)
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({load, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if load.done():
         backend = load.result()
         if warm_up is not None:
-            await asyncio.to_thread(warm_up, backend)
+            await loop.run_in_executor(model_thread(role), warm_up, backend)
         server.attach(backend)
         await server.set_serving(True)
         log.info("serving %s on port %d", ",".join(server.service_names), server.port)
@@ -178,6 +183,8 @@ async def serve(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
     log.info("stopped")
 
 
@@ -190,3 +197,6 @@ class Role:
     build_server: Callable[[StrictModel, object], Awaitable[tuple[Server, int]]]
     load_backend: Callable[[StrictModel], object]
     warm_up: Callable[[object], None]
+    # Ranks > 0 of a torchrun group (the trainer only): load the backend and run rank 0's commands; they serve
+    # nothing themselves.
+    follow: Callable[[StrictModel], None] | None = None
