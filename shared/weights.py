@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from shared import codec
 from shared.errors import Conflict, InvalidInput
@@ -21,6 +22,8 @@ DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
+    if isinstance(tensor, DTensor):  # a sharded parameter (FSDP2): its storage is this rank's shard
+        tensor = tensor.to_local()
     return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
 
 
@@ -81,27 +84,41 @@ def chunk_weights(
     """Yields the chunks of one update: every tensor in order, split into slices of at most ``chunk_bytes``.
 
     ``adapter_config`` (a LoRA adapter update: the tensors are the adapter's) goes on the first chunk only."""
+    total = len(named_tensors)
+    for index, (name, tensor) in enumerate(named_tensors):
+        yield from chunk_tensor(name, tensor, version, total, chunk_bytes, adapter_config if index == 0 else "", epoch)
+
+
+def chunk_tensor(
+    name: str,
+    tensor: torch.Tensor,
+    version: int,
+    total_tensors: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    adapter_config: str = "",
+    epoch: int = 0,
+) -> Iterator[weights_pb2.WeightChunk]:
+    """The chunks of one tensor of an update of ``total_tensors`` (``chunk_weights``, a tensor at a time; the
+    update's first tensor carries its ``adapter_config``)."""
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be positive")
-    total = len(named_tensors)
+    data = codec.tensor_bytes(tensor)
+    dtype = codec.dtype_to_pb(tensor.dtype)
+    shape = list(tensor.shape)
     first = True
-    for name, tensor in named_tensors:
-        data = codec.tensor_bytes(tensor)
-        dtype = codec.dtype_to_pb(tensor.dtype)
-        shape = list(tensor.shape)
-        for offset in range(0, max(len(data), 1), chunk_bytes):
-            yield weights_pb2.WeightChunk(
-                version=version,
-                name=name,
-                dtype=dtype,
-                shape=shape,
-                offset=offset,
-                data=data[offset : offset + chunk_bytes],
-                total_tensors=total,
-                adapter_config=adapter_config if first else "",
-                epoch=epoch,
-            )
-            first = False
+    for offset in range(0, max(len(data), 1), chunk_bytes):
+        yield weights_pb2.WeightChunk(
+            version=version,
+            name=name,
+            dtype=dtype,
+            shape=shape,
+            offset=offset,
+            data=data[offset : offset + chunk_bytes],
+            total_tensors=total_tensors,
+            adapter_config=adapter_config if first else "",
+            epoch=epoch,
+        )
+        first = False
 
 
 @dataclass

@@ -42,6 +42,7 @@ from services.trainer.config import (
     ScoreNormalization,
 )
 from services.trainer.critic import Critic
+from services.trainer.distributed import Ranks, full, shard
 from services.trainer.lora import (
     ADAPTER_DIR,
     merged_copy,
@@ -146,11 +147,15 @@ class TrainerBackend:
         ppo: PPOConfig,
         gradient_checkpointing: bool = False,
         lora: LoRAConfig | None = None,
+        ranks: Ranks | None = None,
     ):
         torch.manual_seed(ppo.seed)
         self.ppo = ppo
         self.lora = lora or LoRAConfig()
-        self.device = resolve_device(policy.device)
+        # Several ranks (torchrun): the models sharded with FSDP2, each rollout batch split over the ranks
+        # (services.trainer.distributed). None: one process holds everything.
+        self.ranks = ranks
+        self.device = ranks.device if ranks is not None else resolve_device(policy.device)
         self._policy_config = policy
         self._compute_dtype = precision.compute_dtype(policy)
         self._gradient_checkpointing = gradient_checkpointing
@@ -176,6 +181,10 @@ class TrainerBackend:
             if self.critic is not None:
                 precision.enable_gradient_checkpointing(self.critic.backbone)
                 self.critic.train()
+        if ranks is not None:  # before the optimizers: they hold the shards
+            self.policy = shard(self.policy)
+            if self.critic is not None:
+                self.critic = shard(self.critic)
         self._build_optimizers()
         if ppo.kl.mode is KLMode.FIXED:
             self._kl_controller = rl_math.FixedKLController(ppo.kl.init_coef)
@@ -250,9 +259,7 @@ class TrainerBackend:
 
         first_pass = None
         if self._fused_first_pass(batch_size):
-            first_pass = self._forward(padded, batch.temperature)
-            old_logprobs = first_pass.logprobs.detach()
-            old_values = first_pass.values.detach() if first_pass.values is not None else None
+            first_pass, old_logprobs, old_values = self._first_pass(padded, batch.temperature)
         else:
             old_logprobs, old_values = self._evaluate(padded, batch.temperature)
         generation_logprobs = pad_right([lp.float() for lp in batch.generation_logprobs], width).to(self.device)
@@ -357,9 +364,51 @@ class TrainerBackend:
 
     def _fused_first_pass(self, batch_size: int) -> bool:
         """Whether the first epoch's forward can give the old log-probs and values: the batch is one minibatch of
-        one micro-batch, so that forward runs on the weights the batch is evaluated at (no step before it)."""
+        one micro-batch (per rank), so that forward runs on the weights the batch is evaluated at (no step before
+        it)."""
         ppo = self.ppo
-        return ppo.fuse_first_pass and batch_size <= ppo.minibatch_size and batch_size <= ppo.micro_batch_size
+        per_rank = -(-batch_size // self.ranks.world_size) if self.ranks is not None else batch_size
+        return ppo.fuse_first_pass and batch_size <= ppo.minibatch_size and per_rank <= ppo.micro_batch_size
+
+    def _micro_batches(self, padded: PaddedBatch, rows: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+        """The forward calls this rank makes for ``rows``: (rows of the call, whether it counts).
+
+        One process: ``rows`` in length-bucketed micro-batches, all counting. Several ranks: this rank's share of
+        ``rows`` (``Ranks.share``) so bucketed, then stand-in calls on the first row of ``rows`` that do not count
+        (forwarded, their loss times 0) up to the number of calls the busiest rank makes, since FSDP's gathers and
+        reductions are collective."""
+        size = self.ppo.micro_batch_size
+        if self.ranks is None:
+            return [(micro, True) for micro in _length_buckets(padded, rows, size)]
+        mine = self.ranks.share(rows, padded.attention_mask.sum(dim=1))
+        calls = [(micro, True) for micro in _length_buckets(padded, mine, size)] if mine.numel() else []
+        calls += [(rows[:1], False)] * (self.ranks.most_shares(rows, size) - len(calls))
+        return calls
+
+    def _whole(self, parts: torch.Tensor) -> torch.Tensor:
+        """(B, T) per-row results each rank filled for its own rows (zeros elsewhere), summed over the ranks: the
+        whole batch's, exactly (x + 0 = x), on every rank."""
+        return self.ranks.sum_(parts) if self.ranks is not None else parts
+
+    def _first_pass(
+        self, padded: PaddedBatch, temperature: float
+    ) -> tuple[_Outputs, torch.Tensor, torch.Tensor | None]:
+        """The first epoch's forward (with its graph, for the loss) and from it the old log-probs and values of the
+        whole batch, (B, T) each."""
+        if self.ranks is None:
+            outputs = self._forward(padded, temperature)
+            values = outputs.values.detach() if outputs.values is not None else None
+            return outputs, outputs.logprobs.detach(), values
+        [(rows, counts)] = self._micro_batches(padded, torch.arange(padded.response_mask.shape[0], device=self.device))
+        outputs = self._forward(padded.select(rows), temperature)
+        logprobs = torch.zeros(padded.response_mask.shape, device=self.device)
+        values = torch.zeros_like(logprobs) if outputs.values is not None else None
+        if counts:
+            width = outputs.logprobs.shape[1]
+            logprobs[rows, :width] = outputs.logprobs.detach()
+            if values is not None:
+                values[rows, :width] = outputs.values.detach()
+        return outputs, self._whole(logprobs), self._whole(values) if values is not None else None
 
     def _validate(self, batch: RolloutBatch) -> None:
         """Raises ValueError naming the offending field; nothing is computed on a bad batch."""
@@ -459,15 +508,18 @@ class TrainerBackend:
         batch_size, width = padded.response_mask.shape
         logprobs = torch.zeros(batch_size, width, device=self.device)
         values = torch.zeros(batch_size, width, device=self.device) if self.critic is not None else None
-        for rows in _length_buckets(padded, torch.arange(batch_size, device=self.device), self.ppo.micro_batch_size):
+        for rows, counts in self._micro_batches(padded, torch.arange(batch_size, device=self.device)):
             micro = padded.select(rows)
             micro_width = micro.response_mask.shape[1]
             logits = self._response_logits(micro)
-            logprobs[rows, :micro_width] = rl_math.logprobs_from_logits(logits, micro.response_ids, temperature)
+            micro_logprobs = rl_math.logprobs_from_logits(logits, micro.response_ids, temperature)
             del logits
-            if values is not None:
-                values[rows, :micro_width] = self._response_values(micro)
-        return logprobs, values
+            micro_values = self._response_values(micro) if values is not None else None
+            if counts:
+                logprobs[rows, :micro_width] = micro_logprobs
+                if values is not None:
+                    values[rows, :micro_width] = micro_values
+        return self._whole(logprobs), self._whole(values) if values is not None else None
 
     def _update(
         self,
@@ -511,17 +563,21 @@ class TrainerBackend:
         tokens_seen = 0.0
         norms: dict[str, list[float]] = {"policy": [], "critic": []}
         skipped = 0
+        # Several ranks: each rank's gradient is its rows' part of the minibatch's token-mean loss, and FSDP's
+        # reduce-scatter averages over the ranks, so each part is scaled by the rank count to make that a sum.
+        ranks = self.ranks.world_size if self.ranks is not None else 1
+        all_rows = torch.arange(batch_size, device=self.device)
         for _ in range(ppo.ppo_epochs):
             order = torch.randperm(batch_size, generator=generator).to(self.device)
             for minibatch in order.split(ppo.minibatch_size):
-                if first_pass is not None:  # the whole batch, as one micro-batch, in batch order
-                    micro_batches = [torch.arange(batch_size, device=self.device)]
+                if first_pass is not None:  # the whole batch (this rank's share), as the first pass ran it
+                    calls = [(all_rows, True)] if self.ranks is None else self._micro_batches(padded, all_rows)
                 else:
-                    micro_batches = _length_buckets(padded, minibatch, ppo.micro_batch_size)
+                    calls = self._micro_batches(padded, minibatch)
                 minibatch_tokens = float(padded.response_mask[minibatch].sum())
                 for optimizer in self._optimizers.values():
                     optimizer.zero_grad(set_to_none=True)
-                for rows in micro_batches:
+                for rows, counts in calls:
                     micro = padded.select(rows)
                     mask = micro.response_mask
                     width = mask.shape[1]
@@ -544,7 +600,12 @@ class TrainerBackend:
                             outputs.logprobs, reference_logprobs[rows, :width], mask, ppo.kl.effective_estimator
                         )
                         loss = loss + kl_coef * kl_sum
-                    (loss / minibatch_tokens).backward()
+                    if not counts:  # a stand-in call (see _micro_batches): gathers and reductions, no gradient
+                        loss = loss * 0.0
+                    (loss / minibatch_tokens if ranks == 1 else loss / minibatch_tokens * ranks).backward()
+                    if not counts:
+                        del outputs
+                        continue
 
                     with torch.no_grad():
                         micro_tokens = float(mask.sum())
@@ -565,11 +626,12 @@ class TrainerBackend:
                     del outputs
                 first_pass = None  # its graph is spent
 
+                # The norms are of the whole gradients (over every rank's shard), the same on every rank.
                 policy_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), ppo.max_grad_norm)
-                norms["policy"].append(float(policy_norm))
+                norms["policy"].append(float(full(policy_norm)))
                 if self.critic is not None:
                     critic_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), ppo.max_grad_norm)
-                    norms["critic"].append(float(critic_norm))
+                    norms["critic"].append(float(full(critic_norm)))
                 if not all(math.isfinite(n[-1]) for n in norms.values() if n):
                     # One non-finite gradient would poison Adam's moments and the weights for good.
                     log.warning("step %d: non-finite gradient norm, minibatch skipped", self.step)
@@ -579,6 +641,9 @@ class TrainerBackend:
                     optimizer.step()
         for optimizer in self._optimizers.values():
             optimizer.zero_grad(set_to_none=True)
+        if self.ranks is not None:  # each rank summed its own rows
+            *totals, tokens_seen = self.ranks.sum_floats([*sums.values(), tokens_seen])
+            sums = dict(zip(sums, totals, strict=True))
         stats = {name: total / max(tokens_seen, 1.0) for name, total in sums.items()}
         stats["grad_norm"] = sum(norms["policy"]) / len(norms["policy"])
         stats["critic_grad_norm"] = sum(norms["critic"]) / len(norms["critic"]) if norms["critic"] else 0.0
@@ -602,13 +667,27 @@ class TrainerBackend:
 
         Tied weights (e.g. lm_head tied to the embeddings) appear once, under the first name, as in
         ``save_pretrained``. Each tensor is a copy, so a consumer never sees a later update. With LoRA, the
-        adapter's tensors only, under peft's names (``adapter_config`` says which adapter they are).
+        adapter's tensors only, under peft's names (``adapter_config`` says which adapter they are). With several
+        ranks this is a collective, tensor by tensor: every rank iterates it (see ``policy_tensor``).
         """
-        state = adapter_state(self.policy) if self.lora.enabled else unique_state(self.policy)
-        for name, tensor in state.items():
-            # The compute dtype: with mixed precision generation serves bf16, so sending fp32 would double the bytes.
-            dtype = self._compute_dtype if tensor.is_floating_point() else tensor.dtype
-            yield name, tensor.detach().to("cpu", dtype=dtype, copy=True).contiguous()
+        for name in self.policy_names():
+            yield name, self.policy_tensor(name)
+
+    def _policy_tensors(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.policy) if self.lora.enabled else unique_state(self.policy)
+
+    def policy_names(self) -> list[str]:
+        """The names ``policy_state`` yields, in order (no copy, no collective)."""
+        return list(self._policy_tensors())
+
+    def policy_tensor(self, name: str) -> torch.Tensor:
+        """One tensor of ``policy_state``: a CPU copy in the compute dtype. Sharded (several ranks), it is gathered
+        from every rank's shard first, a collective each rank makes for the same name: the whole model is never
+        held at once, one tensor at a time (the largest is the embedding)."""
+        tensor = self._policy_tensors()[name].detach()
+        # The compute dtype: with mixed precision generation serves bf16, so sending fp32 would double the bytes.
+        dtype = self._compute_dtype if tensor.is_floating_point() else tensor.dtype
+        return full(tensor).to("cpu", dtype=dtype, copy=True).contiguous()
 
     def save_checkpoint(self, directory: Path) -> Path:
         """Writes ``directory`` atomically (staged beside it, then renamed):

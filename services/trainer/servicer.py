@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from services.trainer import distributed
 from services.trainer import metrics as trainer_metrics
 from services.trainer.backend import TrainerBackend
 from services.trainer.checkpoint import CheckpointRoot
@@ -22,7 +23,7 @@ from shared.proto.rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from shared.server import BackendHolder, Role, Server, build_grpc_server
 from shared.types import RolloutBatch, TrainStats
 from shared.validation import check_batch_size, check_row_lengths, check_temperature, check_token_rows
-from shared.weights import chunk_weights
+from shared.weights import chunk_tensor
 from shared.worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,11 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         if backend.loaded_checkpoint is not None and self.root is not None:
             self.checkpoint = (str(backend.loaded_checkpoint), *backend.ledger.position())
             self._checkpoint_step = backend.step
+
+    async def close(self) -> None:
+        """Under torchrun, tells the other ranks to stop (they exit, and torchrun with them)."""
+        if isinstance(self._backend, distributed.Leader):
+            await self.worker.run(self._backend.stop_followers)
 
     def _train_step(
         self, batch: RolloutBatch, run_id: str, iteration: int, checkpoint: bool
@@ -181,14 +187,20 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
             self._streams += 1
         try:
             start, sent = time.perf_counter(), 0
-            # On the model thread, like every other torch call of this service: copies made on the event loop's
-            # thread gave torch a second OpenMP thread team, and every later TrainStep ran up to 30% slower
-            # (measured at 19M parameters on 2 cores: 4.5-4.9 s per step before a stream, 5.3-6.3 s after).
-            tensors = await self.worker.run(lambda: list(backend.policy_state()))
-            chunks = chunk_weights(tensors, backend.version, chunk_bytes, backend.adapter_config, backend.epoch)
-            for chunk in chunks:
-                sent += len(chunk.data)
-                yield chunk
+            # A tensor at a time (a sharded trainer gathers each from every rank's shard): no TrainStep runs while
+            # a stream is open, so the tensors are all of one version. Copied on the model thread, like every other
+            # torch call of this service: copies made on the event loop's thread gave torch a second OpenMP thread
+            # team, and every later TrainStep ran up to 30% slower (measured at 19M parameters on 2 cores: 4.5-4.9 s
+            # per step before a stream, 5.3-6.3 s after).
+            names = backend.policy_names()
+            version, adapter_config, epoch = backend.version, backend.adapter_config, backend.epoch
+            for index, name in enumerate(names):
+                tensor = await self.worker.run(backend.policy_tensor, name)
+                config = adapter_config if index == 0 else ""
+                for chunk in chunk_tensor(name, tensor, version, len(names), chunk_bytes, config, epoch):
+                    sent += len(chunk.data)
+                    yield chunk
+                del tensor
             metrics.observe_weight_update("trainer", sent, time.perf_counter() - start)  # complete streams only
         finally:
             async with self._streams_done:
@@ -241,13 +253,38 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         )
 
 
+# The backend's methods every rank runs when the trainer is sharded (services.trainer.distributed).
+COLLECTIVE = frozenset({"keyed_step", "train_step", "policy_tensor", "save_checkpoint", "load_checkpoint"})
+
+
 def load_backend(config: TrainerConfig) -> TrainerBackend:
+    """The trainer's backend; under torchrun (rank 0, which serves) its collective methods run on every rank."""
+    ranks = distributed.from_environment(config.policy.device)
+    backend = _load(config, ranks)
+    return distributed.Leader(backend, ranks, COLLECTIVE) if ranks is not None else backend
+
+
+def follow(config: TrainerConfig) -> None:
+    """A rank > 0 under torchrun: loads the same backend and runs rank 0's commands until it stops."""
+    ranks = distributed.from_environment(config.policy.device)
+    if ranks is None:
+        raise ValueError("follow: not under torchrun (WORLD_SIZE unset or 1)")
+    distributed.follow(_load(config, ranks), ranks)
+
+
+def _load(config: TrainerConfig, ranks: distributed.Ranks | None) -> TrainerBackend:
+    if ranks is not None and (config.checkpoint.root or config.resume_from):
+        raise ValueError(
+            "checkpoint.root / resume_from: checkpoints of a sharded trainer (torchrun, WORLD_SIZE > 1) are not "
+            "written or read yet; run it without them"
+        )
     backend = TrainerBackend(
         config.policy,
         config.critic,
         config.ppo,
         gradient_checkpointing=config.gradient_checkpointing,
         lora=config.lora,
+        ranks=ranks,
     )
     loaded = None
     if config.checkpoint.root:  # the newest good checkpoint of an earlier run of this trainer, if any
@@ -277,4 +314,4 @@ async def build_server(config: TrainerConfig, backend: TrainerBackend | None) ->
     return server, server.port
 
 
-ROLE = Role("trainer", TrainerConfig, build_server, load_backend, warm_up)
+ROLE = Role("trainer", TrainerConfig, build_server, load_backend, warm_up, follow=follow)

@@ -1,0 +1,141 @@
+"""The trainer sharded over two CPU ranks (FSDP2 under torchrun, gloo) against one process, on the same batches.
+
+Two real ranks (``tests/sharded_rank.py`` under ``torch.distributed.run``): rank 0 leads and rank 1 follows, as
+in the service. The statistics of every step, the parameters of the policy and the critic after the steps, and the
+weights rank 0 streams must equal the single process's to 1e-5 (the ranks sum their parts in another order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from services.launcher import free_port
+from services.trainer.backend import TrainerBackend
+from services.trainer.config import CriticConfig, PPOConfig
+from services.trainer.servicer import rollout_to_pb
+from shared.modeling import ModelConfig
+from tests.unit.test_trainer_backend import _ragged_batch
+
+ROOT = Path(__file__).resolve().parents[2]
+TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _cases(policy_dir: Path, tied_dir: Path, reward_dir: Path, work: Path) -> list[dict]:
+    """Each case's config and batches: micro-batches of one row with a minibatch the ranks cannot split evenly
+    (rank 1 makes stand-in calls), the fused first pass, GRPO (no critic) with the KL in the loss, and a policy
+    with tied embeddings (its critic started from the policy)."""
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    gae_critic = {"init": "reward_model", "path": str(reward_dir)}
+    cases = [
+        ("uneven", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 1}, gae_critic, [5, 5]),
+        ("tied", {"ppo_epochs": 2, "minibatch_size": 3, "micro_batch_size": 2}, {"init": "policy"}, [5]),
+        ("fused", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, gae_critic, [4]),
+        (
+            "grpo",
+            {
+                "advantage_estimator": "grpo",
+                "minibatch_size": 6,
+                "micro_batch_size": 2,
+                "kl": {"placement": "loss", "mode": "fixed", "init_coef": 0.1},
+            },
+            {},
+            [6],
+        ),
+    ]
+    specs = []
+    for name, ppo, critic, sizes in cases:
+        batches = []
+        for seed, size in enumerate(sizes):
+            batch = _ragged_batch(policy, size=size, seed=seed)
+            if name == "grpo":
+                batch = dataclasses.replace(batch, group_ids=torch.arange(size) // 2)
+            batches.append(batch)
+        path = work / f"{name}.batches.json"
+        path.write_text(json.dumps([rollout_to_pb(b, "", 0).SerializeToString().hex() for b in batches]))
+        ppo = {"learning_rate": 1e-3, **ppo}
+        model = tied_dir if name == "tied" else policy_dir
+        specs.append({"name": name, "policy": str(model), "critic": critic, "ppo": ppo, "batches": str(path)})
+    return specs
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_policy_dir, tiny_tied_policy_dir, tiny_reward_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("sharded")
+    cases = _cases(tiny_policy_dir, tiny_tied_policy_dir, tiny_reward_dir, work)
+    spec = work / "spec.json"
+    spec.write_text(json.dumps(cases))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(ROOT / "tests" / "sharded_rank.py"),
+        str(spec),
+        str(work / "out"),
+    ]
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return {case["name"]: case for case in cases}, work / "out"
+
+
+def _one_process(case: dict) -> tuple[TrainerBackend, list[dict]]:
+    from tests.sharded_rank import _batches
+
+    backend = TrainerBackend(ModelConfig(path=case["policy"]), CriticConfig(**case["critic"]), PPOConfig(**case["ppo"]))
+    stats = []
+    for batch in _batches(case["batches"]):
+        record = dataclasses.asdict(backend.train_step(batch))
+        record.pop("step_seconds")
+        stats.append(record)
+    return backend, stats
+
+
+@pytest.mark.parametrize("name", ["uneven", "fused", "grpo", "tied"])
+def test_two_ranks_train_as_one_process(two_ranks, name):
+    cases, out = two_ranks
+    backend, expected = _one_process(cases[name])
+    got = json.loads((out / name / "stats.json").read_text())
+    assert len(got) == len(expected)
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert a.keys() == b.keys() and a["extra"].keys() == b["extra"].keys()
+        a, b = {**a.pop("extra"), **a}, {**b.pop("extra"), **b}
+        for field, value in b.items():
+            if isinstance(value, float):
+                assert a[field] == pytest.approx(value, rel=1e-5, abs=1e-5), f"step {step}: {field}"
+            elif field != "policy_epoch":  # a trainer incarnation's timestamp
+                assert a[field] == value, f"step {step}: {field}"
+
+    parameters = load_file(str(out / name / "parameters.safetensors"))
+    models = {"policy": backend.policy, "critic": backend.critic}
+    mine = {
+        f"{owner}/{n}": p.detach()
+        for owner, model in models.items()
+        if model is not None
+        for n, p in model.named_parameters()
+    }
+    assert parameters.keys() == mine.keys()
+    initial = TrainerBackend(ModelConfig(path=cases[name]["policy"]), CriticConfig(), PPOConfig()).policy
+    moved = 0
+    for key, value in mine.items():
+        assert_close(parameters[key], value, msg=lambda m, key=key: f"{key}: {m}", **TOLERANCE)
+        if key.startswith("policy/"):
+            moved += not torch.equal(value, dict(initial.named_parameters())[key.removeprefix("policy/")])
+    assert moved, "the steps moved no policy parameter: the comparison would prove nothing"
+
+    streamed = load_file(str(out / name / "streamed.safetensors"))
+    assert set(streamed) == set(backend.policy_names())
+    for key, value in backend.policy_state():
+        assert_close(streamed[key], value, **TOLERANCE)
