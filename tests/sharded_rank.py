@@ -6,7 +6,7 @@ For each case of the spec: every rank builds the trainer sharded over the ranks 
 (``distributed.Leader``: its train steps and weight reads run on every rank) while the others follow
 (``distributed.follow``) until it stops them; then every rank gathers the whole parameters. Rank 0 writes, per
 case, the statistics of each step, the streamed weights (``policy_tensor``) and the parameters of the policy and
-the critic.
+the critic. A case may first load a checkpoint (``load``) and save one after a step (``save_after``, ``save_to``).
 """
 
 from __future__ import annotations
@@ -41,11 +41,15 @@ def run_case(case: dict, ranks: distributed.Ranks, out: Path) -> None:
     )
     if ranks.is_leader:
         leader = distributed.Leader(backend, ranks, COLLECTIVE)
+        if case.get("load"):
+            leader.load_checkpoint(Path(case["load"]))
         stats = []
-        for batch in _batches(case["batches"]):
+        for index, batch in enumerate(_batches(case["batches"])[case.get("skip", 0) :]):
             record = dataclasses.asdict(leader.train_step(batch))
             record.pop("step_seconds")
             stats.append(record)
+            if case.get("save_after") == index + 1:
+                leader.save_checkpoint(Path(case["save_to"]))
         streamed = {name: leader.policy_tensor(name) for name in leader.policy_names()}
         leader.stop_followers()
     else:

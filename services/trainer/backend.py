@@ -63,7 +63,12 @@ from shared.weights import unique_state
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 1  # one process: policy/, critic.safetensors, optimizer.safetensors, trainer_state.json
+# A sharded trainer's (several ranks): sharded/ (torch.distributed.checkpoint: the policy, the critic and the AdamW
+# states, each rank writing its shards), policy/ (the whole policy in Hugging Face format, from rank 0) and
+# trainer_state.json. Either format loads into any number of ranks, one process included.
+SHARDED_FORMAT = 2
+SHARDED_DIR = "sharded"
 
 
 @dataclass
@@ -119,6 +124,17 @@ def _adamw(parameters: list[torch.nn.Parameter], lr: float, weight_decay: float)
     float32 / bf16 / fp16 parameters), the multi-tensor one otherwise: the same update either way."""
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def _cloned(tree):
+    """A copy of a (nested) state dict's tensors, the rest as is."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {key: _cloned(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_cloned(value) for value in tree]
+    return tree
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -181,6 +197,8 @@ class TrainerBackend:
             if self.critic is not None:
                 precision.enable_gradient_checkpointing(self.critic.backbone)
                 self.critic.train()
+        if ranks is not None and self.lora.enabled:
+            raise ValueError("lora.rank: LoRA adapters on a sharded trainer (torchrun) are not supported yet")
         if ranks is not None:  # before the optimizers: they hold the shards
             self.policy = shard(self.policy)
             if self.critic is not None:
@@ -701,6 +719,8 @@ class TrainerBackend:
         critic (its adapter and head) when it has an adapter.
         """
         directory = Path(directory)
+        if self.ranks is not None:
+            return self._save_sharded(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
         try:
@@ -721,15 +741,7 @@ class TrainerBackend:
                 for name, optimizer in self._optimizers.items()
             }
             save_file(tensors, str(staging / "optimizer.safetensors"))
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "step": self.step,
-                "version": self.version,
-                "kl_coef": self.kl_coef,
-                "score_moments": asdict(self._score_moments),
-                "optimizers": optimizers,
-                "ledger": self.ledger.to_json(),
-            }
+            state = self._counters(CHECKPOINT_FORMAT, optimizers)
             (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
             write_manifest(staging)
             replace_directory(staging, directory)
@@ -740,13 +752,22 @@ class TrainerBackend:
         return directory
 
     def load_checkpoint(self, directory: Path) -> None:
-        """Restores a ``save_checkpoint`` directory; training then continues as if it had never stopped."""
+        """Restores a ``save_checkpoint`` directory; training then continues as if it had never stopped.
+
+        A checkpoint of either format loads whatever the number of ranks that wrote it and that reads it."""
         directory = Path(directory)
         if (directory / MANIFEST).exists():  # checkpoints written before manifests have none
             check_manifest(directory)
         state = json.loads((directory / "trainer_state.json").read_text())
+        if state.get("format") == SHARDED_FORMAT:
+            self._load_sharded(directory, state)
+            return
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{directory}: checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+            expected = f"{CHECKPOINT_FORMAT} or {SHARDED_FORMAT}"
+            raise ValueError(f"{directory}: checkpoint format {state.get('format')}, expected {expected}")
+        if self.ranks is not None:
+            self._load_whole_into_shards(directory, state)
+            return
         if not self.lora.enabled and (directory / ADAPTER_DIR).exists():
             raise ValueError(
                 f"{directory}: a LoRA checkpoint (it has {ADAPTER_DIR}/), but this trainer's lora.rank is 0"
@@ -791,6 +812,24 @@ class TrainerBackend:
         if critic_state is not None:
             self.critic.load_state_dict(critic_state, strict=not self._critic_has_adapter)  # keys checked above
         self._optimizers = optimizers
+        self._restore_counters(directory, state)
+
+    # -- the parts both formats share, and the sharded format -----------------------------------------------------
+
+    def _counters(self, format_: int, optimizers: dict) -> dict:
+        """trainer_state.json: the step, the version, the KL coefficient, the score moments, the step ledger, and
+        the optimizers (their non-tensor state in the one-process format; their names in the sharded one)."""
+        return {
+            "format": format_,
+            "step": self.step,
+            "version": self.version,
+            "kl_coef": self.kl_coef,
+            "score_moments": asdict(self._score_moments),
+            "optimizers": optimizers,
+            "ledger": self.ledger.to_json(),
+        }
+
+    def _restore_counters(self, directory: Path, state: dict) -> None:
         self.step = int(state["step"])
         self.version = int(state["version"])
         self._kl_controller.value = float(state["kl_coef"])
@@ -798,3 +837,131 @@ class TrainerBackend:
         self.ledger = StepLedger.from_json(state.get("ledger"))
         self.epoch = new_epoch(self.epoch)  # the state went back: weights sent from now on outrank the old ones
         log.info("checkpoint %s loaded: step %d, policy version %d", directory, self.step, self.version)
+
+    def _check_optimizers(self, directory: Path, names) -> None:
+        if set(names) != set(self._optimizers):
+            raise ValueError(
+                f"{directory}: a checkpoint of a trainer with {sorted(names)} optimizers, this one has "
+                f"{sorted(self._optimizers)} (a critic checkpoint loads only into a trainer with a critic)"
+            )
+
+    def _models(self, policy: torch.nn.Module | None = None) -> dict[str, torch.nn.Module]:
+        """The models by optimizer name: the policy (or ``policy``, one about to replace it) and the critic."""
+        models = {"policy": policy if policy is not None else self.policy}
+        if self.critic is not None:
+            models["critic"] = self.critic
+        return models
+
+    def _save_sharded(self, directory: Path) -> Path:
+        """The sharded format (``SHARDED_FORMAT``), written by every rank (a collective): each rank its shards of
+        ``sharded/``, then rank 0 the Hugging Face export of the whole policy (gathered to its CPU), the state, the
+        manifest, and the rename into place. Staged beside ``directory`` as in the one-process format."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        ranks = self.ranks
+        staging = directory.parent / f".{directory.name}.sharded.tmp"
+        error = None
+        if ranks.is_leader:
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            except OSError as exc:
+                error = f"cannot stage {staging}: {exc}"
+        ranks.check(error)
+        dcp.save(self._sharded_state(), checkpoint_id=str(staging / SHARDED_DIR))
+        whole = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        error = None
+        if ranks.is_leader:
+            try:
+                self._export_policy(staging / "policy", whole)
+                state = self._counters(SHARDED_FORMAT, sorted(self._optimizers))
+                state["ranks"] = ranks.world_size
+                (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+                write_manifest(staging)
+                replace_directory(staging, directory)
+            except Exception as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                error = f"checkpoint {directory}: {exc}"
+        del whole
+        ranks.check(error)
+        log.info("checkpoint of step %d (policy version %d) written to %s", self.step, self.version, directory)
+        return directory
+
+    def _export_policy(self, path: Path, whole: dict[str, torch.Tensor]) -> None:
+        """The whole policy in Hugging Face format (safetensors + config + tokenizer), from its full state dict."""
+        self.policy.save_pretrained(path, state_dict=whole, safe_serialization=True)
+        load_tokenizer(self._policy_config).save_pretrained(path)
+
+    def _sharded_state(self, policy: torch.nn.Module | None = None, optimizers: dict | None = None) -> dict:
+        """What ``sharded/`` holds, keyed ``model.<name>`` and ``optimizer.<name>``: each a state dict by parameter
+        name (shards on several ranks, whole tensors in one process)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        models = self._models(policy)
+        optimizers = optimizers if optimizers is not None else self._optimizers
+        state = {f"model.{name}": get_model_state_dict(model) for name, model in models.items()}
+        for name, optimizer in optimizers.items():
+            state[f"optimizer.{name}"] = get_optimizer_state_dict(models[name], optimizer)
+        return state
+
+    def _load_sharded(self, directory: Path, state: dict) -> None:
+        """A sharded-format checkpoint, into this trainer whatever its number of ranks (DCP reshards). Read into
+        copies first: a checkpoint that does not load leaves the trainer as it was."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        if self.lora.enabled:
+            raise ValueError(f"{directory}: a sharded trainer's checkpoint (no LoRA adapter) into a LoRA trainer")
+        self._check_optimizers(directory, state["optimizers"])
+        if not (directory / SHARDED_DIR).is_dir():
+            raise ValueError(f"{directory}: incomplete checkpoint, missing {SHARDED_DIR}/")
+        target = self._sharded_state()
+        copies = {key: _cloned(value) for key, value in target.items()}
+        dcp.load(copies, checkpoint_id=str(directory / SHARDED_DIR))
+        models = self._models()
+        for name, model in models.items():
+            set_model_state_dict(model, copies[f"model.{name}"])
+        for name, optimizer in self._optimizers.items():
+            set_optimizer_state_dict(models[name], optimizer, copies[f"optimizer.{name}"])
+        self._restore_counters(directory, state)
+
+    def _load_whole_into_shards(self, directory: Path, state: dict) -> None:
+        """A one-process checkpoint into a sharded trainer: each rank reads the whole tensors and keeps its shards;
+        the optimizer state, saved by parameter index, is matched to the parameters by name."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if (directory / ADAPTER_DIR).exists():
+            raise ValueError(f"{directory}: a LoRA checkpoint into a sharded trainer (not supported yet)")
+        self._check_optimizers(directory, state["optimizers"])
+        needed = ("policy", "optimizer.safetensors") + (("critic.safetensors",) if self.critic is not None else ())
+        missing = [n for n in needed if not (directory / n).exists()]
+        if missing:
+            raise ValueError(f"{directory}: incomplete checkpoint, missing {', '.join(missing)}")
+        whole = {
+            "policy": precision.load_trainable_causal_lm(
+                self._policy_config.model_copy(update={"path": str(directory / "policy"), "device": "cpu"})
+            ).state_dict()
+        }
+        if self.critic is not None:
+            whole["critic"] = load_file(str(directory / "critic.safetensors"))
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+        models = self._models()
+        optimizer_states = {}
+        for name, model in models.items():
+            by_index = join_optimizer_state(state["optimizers"][name], name, tensors)
+            names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's parameter order
+            groups = by_index["param_groups"]
+            optimizer_states[name] = {
+                "state": {names[index]: value for index, value in by_index["state"].items()},
+                "param_groups": [{**group, "params": [names[index] for index in group["params"]]} for group in groups],
+            }
+        whole_options = StateDictOptions(full_state_dict=True)
+        for name, model in models.items():
+            set_model_state_dict(model, whole[name], options=whole_options)
+            set_optimizer_state_dict(model, self._optimizers[name], optimizer_states[name], options=whole_options)
+        self._restore_counters(directory, state)

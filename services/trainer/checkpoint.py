@@ -3,6 +3,7 @@ manifest, and the rotating checkpoints under the trainer's checkpoint root."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -152,7 +153,8 @@ class CheckpointRoot:
                 log.error(
                     "checkpoint %s cannot be loaded (%s); moved to %s, trying the one before it", path, exc, aside.name
                 )
-                path.rename(aside)  # kept for a post-mortem, out of the rotation
+                with contextlib.suppress(FileNotFoundError):  # another rank of a sharded trainer moved it first
+                    path.rename(aside)  # kept for a post-mortem, out of the rotation
                 continue
             return path
         return None

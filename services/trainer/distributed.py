@@ -57,6 +57,14 @@ class Ranks:
         total = torch.tensor(values, dtype=torch.float64, device=self.device)
         return self.sum_(total).tolist()
 
+    def check(self, error: str | None) -> None:
+        """Rank 0's outcome of work only it did (files it wrote), told to every rank: each raises if it failed, so
+        no rank waits in a collective for one that gave up."""
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        if box[0] is not None:
+            raise RuntimeError(f"rank 0: {box[0]}")
+
     def share(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """This rank's rows of ``rows``: dealt round robin in order of length (longest first), so every rank gets
         about the same number of tokens. Every rank computes every rank's share the same way."""

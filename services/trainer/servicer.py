@@ -273,11 +273,7 @@ def follow(config: TrainerConfig) -> None:
 
 
 def _load(config: TrainerConfig, ranks: distributed.Ranks | None) -> TrainerBackend:
-    if ranks is not None and (config.checkpoint.root or config.resume_from):
-        raise ValueError(
-            "checkpoint.root / resume_from: checkpoints of a sharded trainer (torchrun, WORLD_SIZE > 1) are not "
-            "written or read yet; run it without them"
-        )
+    # Under torchrun every rank runs this: the checkpoint loads below are collectives, made in step.
     backend = TrainerBackend(
         config.policy,
         config.critic,

@@ -69,10 +69,24 @@ def _cases(policy_dir: Path, tied_dir: Path, reward_dir: Path, work: Path) -> li
     return specs
 
 
+def _checkpoint_cases(cases: dict, work: Path) -> list[dict]:
+    """ "to_one": two ranks step on batch 1, save (sharded format), step on batch 2; "from_one": one process steps
+    on batch 1 and saves (one-process format) here, two ranks load that and step on batch 2."""
+    uneven = cases["uneven"]
+    from_one = work / "from-one-process"
+    backend, _ = _one_process({**uneven, "steps": 1})
+    backend.save_checkpoint(from_one)
+    return [
+        {**uneven, "name": "to_one", "save_after": 1, "save_to": str(work / "from-two-ranks")},
+        {**uneven, "name": "from_one", "load": str(from_one), "skip": 1},
+    ]
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tiny_policy_dir, tiny_tied_policy_dir, tiny_reward_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("sharded")
     cases = _cases(tiny_policy_dir, tiny_tied_policy_dir, tiny_reward_dir, work)
+    cases += _checkpoint_cases({case["name"]: case for case in cases}, work)
     spec = work / "spec.json"
     spec.write_text(json.dumps(cases))
     command = [
@@ -91,12 +105,16 @@ def two_ranks(tiny_policy_dir, tiny_tied_policy_dir, tiny_reward_dir, tmp_path_f
     return {case["name"]: case for case in cases}, work / "out"
 
 
-def _one_process(case: dict) -> tuple[TrainerBackend, list[dict]]:
+def _one_process(case: dict, load: Path | None = None) -> tuple[TrainerBackend, list[dict]]:
+    """The case in one process: its batches from ``skip`` on (to ``steps``), after loading ``load``."""
     from tests.sharded_rank import _batches
 
     backend = TrainerBackend(ModelConfig(path=case["policy"]), CriticConfig(**case["critic"]), PPOConfig(**case["ppo"]))
+    if load is not None:
+        backend.load_checkpoint(load)
     stats = []
-    for batch in _batches(case["batches"]):
+    batches = _batches(case["batches"])
+    for batch in batches[case.get("skip", 0) : case.get("steps", len(batches))]:
         record = dataclasses.asdict(backend.train_step(batch))
         record.pop("step_seconds")
         stats.append(record)
@@ -107,7 +125,35 @@ def _one_process(case: dict) -> tuple[TrainerBackend, list[dict]]:
 def test_two_ranks_train_as_one_process(two_ranks, name):
     cases, out = two_ranks
     backend, expected = _one_process(cases[name])
-    got = json.loads((out / name / "stats.json").read_text())
+    _assert_same_run(out / name, backend, expected, cases[name])
+
+
+def test_a_checkpoint_of_two_ranks_loads_into_one_process(two_ranks):
+    """The sharded format: two ranks wrote it after their first step; one process loads it and makes the second
+    step as the two ranks did."""
+    cases, out = two_ranks
+    case = cases["to_one"]
+    saved = Path(case["save_to"])
+    assert json.loads((saved / "trainer_state.json").read_text())["format"] == 2
+    assert (saved / "policy" / "config.json").is_file()  # the Hugging Face export beside the shards
+    backend, expected = _one_process({**case, "skip": 1}, load=saved)
+    got = json.loads((out / "to_one" / "stats.json").read_text())[1:]  # the step after the save
+    _assert_same_run(out / "to_one", backend, expected, case, got=got)
+
+
+def test_a_checkpoint_of_one_process_loads_into_two_ranks(two_ranks):
+    """The one-process format (AdamW state by parameter index) into two ranks, whose next step is the one the
+    process that wrote it makes."""
+    cases, out = two_ranks
+    case = cases["from_one"]
+    backend, expected = _one_process(case, load=Path(case["load"]))
+    _assert_same_run(out / "from_one", backend, expected, case)
+
+
+def _assert_same_run(out: Path, backend: TrainerBackend, expected: list[dict], case: dict, got=None) -> None:
+    """The two ranks' statistics (``got``: all of ``out``'s by default), parameters and streamed weights against
+    the one process's."""
+    got = json.loads((out / "stats.json").read_text()) if got is None else got
     assert len(got) == len(expected)
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert a.keys() == b.keys() and a["extra"].keys() == b["extra"].keys()
@@ -118,7 +164,7 @@ def test_two_ranks_train_as_one_process(two_ranks, name):
             elif field != "policy_epoch":  # a trainer incarnation's timestamp
                 assert a[field] == value, f"step {step}: {field}"
 
-    parameters = load_file(str(out / name / "parameters.safetensors"))
+    parameters = load_file(str(out / "parameters.safetensors"))
     models = {"policy": backend.policy, "critic": backend.critic}
     mine = {
         f"{owner}/{n}": p.detach()
@@ -127,7 +173,7 @@ def test_two_ranks_train_as_one_process(two_ranks, name):
         for n, p in model.named_parameters()
     }
     assert parameters.keys() == mine.keys()
-    initial = TrainerBackend(ModelConfig(path=cases[name]["policy"]), CriticConfig(), PPOConfig()).policy
+    initial = TrainerBackend(ModelConfig(path=case["policy"]), CriticConfig(), PPOConfig()).policy
     moved = 0
     for key, value in mine.items():
         assert_close(parameters[key], value, msg=lambda m, key=key: f"{key}: {m}", **TOLERANCE)
@@ -135,7 +181,7 @@ def test_two_ranks_train_as_one_process(two_ranks, name):
             moved += not torch.equal(value, dict(initial.named_parameters())[key.removeprefix("policy/")])
     assert moved, "the steps moved no policy parameter: the comparison would prove nothing"
 
-    streamed = load_file(str(out / name / "streamed.safetensors"))
+    streamed = load_file(str(out / "streamed.safetensors"))
     assert set(streamed) == set(backend.policy_names())
     for key, value in backend.policy_state():
         assert_close(streamed[key], value, **TOLERANCE)
