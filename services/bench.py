@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reward-api-seconds", type=float, default=60.0, help="per transport; 0 skips the section")
     parser.add_argument("--trl-iterations", type=int, default=6, help="PPO iterations per run against TRL; 0 skips")
     parser.add_argument("--skip-transport", action="store_true", help="skip weight sync and generation replicas")
+    parser.add_argument("--skip-sharded", action="store_true", help="skip the sharded trainer (2 ranks vs 1 process)")
     args = parser.parse_args(argv)
 
     if args.trl_iterations:
@@ -278,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
                 bench_transport.print_weight_sync(bench_transport.bench_weight_sync(policy, Path(tmp) / "sync"))
                 print()
                 bench_transport.print_rollouts(bench_transport.bench_rollouts(policy, Path(tmp) / "rollouts"))
+        print()
+
+    if not args.skip_sharded:
+        from services import bench_sharded
+
+        bench_sharded.print_bench(bench_sharded.bench())
         print()
 
     if not args.skip_memory:

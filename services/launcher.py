@@ -56,7 +56,8 @@ class ServiceProcess:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                with contextlib.suppress(ProcessLookupError):  # its own session: children too (torchrun's ranks)
+                    os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
 
@@ -75,14 +76,18 @@ class Launcher:
         self.processes: list[ServiceProcess] = []
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
 
-    def start(self, name: str, command: list[str], config: dict) -> ServiceProcess:
+    def start(self, name: str, command: list[str], config: dict, ranks: int = 1) -> ServiceProcess:
+        """``rlhf <command> --config <config>`` as a process; with ``ranks`` > 1 under torchrun, that many ranks on
+        this machine (the trainer: rank 0 serves and writes the ready file)."""
         config_path = self.work_dir / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         ready = self.work_dir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log_path = self.work_dir / f"{name}.log"
+        runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
         argv = [
             sys.executable,
+            *runner,
             "-m",
             "services.cli",
             *command,
@@ -151,18 +156,26 @@ def secure_configs(launcher: Launcher, service_configs: dict[str, dict]) -> tupl
 
 
 def start_stack(
-    launcher: Launcher, service_configs: dict[str, dict], orchestrator: dict | None = None, root: Path | None = None
+    launcher: Launcher,
+    service_configs: dict[str, dict],
+    orchestrator: dict | None = None,
+    root: Path | None = None,
+    trainer_ranks: int = 1,
 ) -> tuple[dict[str, ServiceProcess], str]:
     """Starts the four services (configs by role; see ``secure_configs``), waits until each serves, then the
     orchestrator pointed at them.
 
-    Returns the service processes by role and the control API's URL. Unless ``orchestrator`` names a store, runs
+    ``trainer_ranks`` > 1 runs the trainer under torchrun, sharded over that many ranks. Returns the service
+    processes by role and the control API's URL. Unless ``orchestrator`` names a store, runs
     are kept in an embedded store in the launcher's work directory. The control API listens on loopback and
     checks no token unless ``orchestrator`` gives one; the datasets and run directories its requests name must lie
     under ``root`` (default: the directory above the launcher's work directory).
     """
     configs, auth = secure_configs(launcher, service_configs)
-    services = {name: launcher.start(name, ["serve", name], cfg) for name, cfg in configs.items()}
+    services = {
+        name: launcher.start(name, ["serve", name], cfg, ranks=trainer_ranks if name == "trainer" else 1)
+        for name, cfg in configs.items()
+    }
     for service in services.values():
         service.wait_ready(180)
     peers = {

@@ -173,7 +173,11 @@ class Leader:
         setattr(self._backend, name, value)
 
     def stop_followers(self) -> None:
-        dist.broadcast_object_list([STOP], src=0, group=self._ranks.control)
+        """Tells the other ranks to return. They may be gone already (torchrun signals every rank on shutdown)."""
+        try:
+            dist.broadcast_object_list([STOP], src=0, group=self._ranks.control)
+        except Exception as exc:
+            log.info("the other ranks were not told to stop (%s): they have exited", exc)
 
 
 def follow(backend: Any, ranks: Ranks, on_error: Callable[[Command, Exception], None] | None = None) -> None:
