@@ -59,6 +59,7 @@ def measure(policy: str, reward: str, steps: int, threads: int) -> dict:
     trainer = TrainerBackend(ModelConfig(path=policy), CriticConfig(init="reward_model", path=reward), ppo, ranks=ranks)
     if ranks is not None and not ranks.is_leader:
         distributed.follow(trainer, ranks)
+        distributed.leave()
         return {}
     backend = distributed.Leader(trainer, ranks, COLLECTIVE) if ranks is not None else trainer
     batch = _batch()
@@ -77,6 +78,7 @@ def measure(policy: str, reward: str, steps: int, threads: int) -> dict:
         largest = max(largest, backend.policy_tensor(name).numel() * 4)
     if ranks is not None:
         backend.stop_followers()
+        distributed.leave()
     return {
         "seconds": seconds,
         "kept_bytes": kept,

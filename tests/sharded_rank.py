@@ -75,7 +75,7 @@ def main(spec_path: str, out_dir: str) -> int:
     assert ranks is not None and ranks.world_size == 2, "run under torchrun with 2 ranks"
     for case in json.loads(Path(spec_path).read_text()):
         run_case(case, ranks, Path(out_dir))
-    torch.distributed.destroy_process_group()
+    distributed.leave()
     return 0
 
 

@@ -57,4 +57,6 @@ class Critic(torch.nn.Module):
         """(B, L) token ids and mask -> (B, L) float32 values, one per position (the state after that token)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # the head in float32 under autocast too
-            return self.head(hidden.float()).squeeze(-1)
+            # A tensor of its own, not a view of the head's output: FSDP2 warns that an in-place op on a view
+            # returned by a sharded module would skip its pre-backward hook.
+            return self.head(hidden.float()).squeeze(-1).clone()

@@ -180,6 +180,13 @@ class Leader:
             log.info("the other ranks were not told to stop (%s): they have exited", exc)
 
 
+def leave() -> None:
+    """Destroys this process's groups, once it is done with them: a process that exits with gloo's threads still
+    running can abort ("terminate called without an active exception"), which torchrun counts as a failure."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def follow(backend: Any, ranks: Ranks, on_error: Callable[[Command, Exception], None] | None = None) -> None:
     """On ranks > 0: runs rank 0's commands until it says stop. A command that raises (a batch the trainer
     refuses) raises on rank 0 too, which answers the caller; the follower logs it and waits for the next one."""

@@ -91,6 +91,7 @@ class TrainerServicer(BackendHolder, trainer_pb2_grpc.TrainerServicer):
         """Under torchrun, tells the other ranks to stop (they exit, and torchrun with them)."""
         if isinstance(self._backend, distributed.Leader):
             await self.worker.run(self._backend.stop_followers)
+            await self.worker.run(distributed.leave)
 
     def _train_step(
         self, batch: RolloutBatch, run_id: str, iteration: int, checkpoint: bool
@@ -270,6 +271,7 @@ def follow(config: TrainerConfig) -> None:
     if ranks is None:
         raise ValueError("follow: not under torchrun (WORLD_SIZE unset or 1)")
     distributed.follow(_load(config, ranks), ranks)
+    distributed.leave()
 
 
 def _load(config: TrainerConfig, ranks: distributed.Ranks | None) -> TrainerBackend:
