@@ -164,8 +164,14 @@ class Leader:
             return value
 
         def on_every_rank(*args: Any) -> Any:
-            dist.broadcast_object_list([Command(name, args)], src=0, group=self._ranks.control)
-            return value(*args)
+            try:
+                dist.broadcast_object_list([Command(name, args)], src=0, group=self._ranks.control)
+            except Exception as exc:  # a rank is gone: the group cannot be mended
+                give_up(self._ranks, name, exc)
+            try:
+                return value(*args)
+            except dist.DistError as exc:  # a collective inside the call failed
+                give_up(self._ranks, name, exc)
 
         return on_every_rank
 
@@ -180,6 +186,21 @@ class Leader:
             log.info("the other ranks were not told to stop (%s): they have exited", exc)
 
 
+# The exit status of a rank whose group broke (EX_SOFTWARE): torchrun then stops the other ranks and, with
+# --max-restarts, starts the group again; under Kubernetes the pod restarts. Either way it resumes from the newest
+# checkpoint.
+BROKEN_GROUP_EXIT = 70
+
+
+def give_up(ranks: Ranks, method: str, exc: BaseException) -> None:
+    """Ends this process: a group that lost a rank (or whose collective failed) cannot run another step."""
+    log.critical(
+        "rank %d: %s failed in the process group (%s); exiting for the group to restart", ranks.rank, method, exc
+    )
+    logging.shutdown()
+    os._exit(BROKEN_GROUP_EXIT)
+
+
 def leave() -> None:
     """Destroys this process's groups, once it is done with them: a process that exits with gloo's threads still
     running can abort ("terminate called without an active exception"), which torchrun counts as a failure."""
@@ -192,13 +213,18 @@ def follow(backend: Any, ranks: Ranks, on_error: Callable[[Command, Exception], 
     refuses) raises on rank 0 too, which answers the caller; the follower logs it and waits for the next one."""
     while True:
         box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=ranks.control)
+        try:
+            dist.broadcast_object_list(box, src=0, group=ranks.control)
+        except Exception as exc:  # rank 0 is gone
+            give_up(ranks, "waiting for a command", exc)
         command: Command = box[0]
         if command == STOP:
             log.info("rank %d: stop", ranks.rank)
             return
         try:
             getattr(backend, command.method)(*command.args)
+        except dist.DistError as exc:
+            give_up(ranks, command.method, exc)
         except Exception as exc:  # the same error is rank 0's to report
             log.warning("rank %d: %s failed: %s", ranks.rank, command.method, exc)
             if on_error is not None:

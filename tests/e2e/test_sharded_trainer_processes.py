@@ -5,8 +5,10 @@ the sharded format."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +85,87 @@ def test_a_run_with_the_trainer_on_two_ranks_matches_one_process(pretrained_tied
     state = json.loads((newest / "trainer_state.json").read_text())
     assert state["format"] == 2 and state["ranks"] == 2  # written by both ranks: shards + the HF export
     assert (newest / "sharded").is_dir() and (newest / "policy" / "config.json").is_file()
+
+
+def test_a_rank_lost_on_another_node_ends_rank_0_for_the_group_to_restart(tiny_policy_dir, tmp_path):
+    """Two torchrun agents on loopback, as two nodes (static rendezvous at rank 0's, as the trainer-multinode
+    overlay runs them). The second node dies whole (SIGKILL: its agent and its rank). Rank 0's agent cannot see
+    that; rank 0 finds out at its next command and exits (status 70), so its agent stops too and the group can be
+    started again (by torchrun's restarts or Kubernetes), to resume from the newest checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from services.launcher import free_port
+    from services.trainer.distributed import BROKEN_GROUP_EXIT
+    from services.trainer.servicer import rollout_to_pb
+    from shared.proto.rlhf.v1 import trainer_pb2_grpc
+    from tests.unit.test_trainer_backend import _ragged_batch
+
+    config = tmp_path / "trainer.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": 0, "grace_seconds": 0},
+                "policy": {"path": str(tiny_policy_dir), "cpu_threads": 1},
+                "critic": {"init": "policy"},
+            }
+        )
+    )
+    ready = tmp_path / "ready.json"
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def node(rank: int) -> subprocess.Popen:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+        command += [f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", "--max-restarts=0"]
+        command += ["-m", "services.cli", "serve", "trainer", "--config", str(config), "--ready-file", str(ready)]
+        log = (tmp_path / f"node{rank}.log").open("w")
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    first, second = node(0), node(1)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert first.poll() is None and second.poll() is None, (tmp_path / "node0.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "rank 0 did not serve"
+            time.sleep(0.2)
+        address = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+        request = rollout_to_pb(_ragged_batch(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), 4, 0), "", 0)
+        with grpc.insecure_channel(address) as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            assert stub.TrainStep(request, timeout=60).stats.policy_version == 1  # both ranks take part
+
+            for pid in (*_children(second.pid), second.pid):  # the other node: its rank (own session), its agent
+                os.kill(pid, signal.SIGKILL)
+            second.wait(30)
+            with pytest.raises(grpc.RpcError):
+                stub.TrainStep(request, timeout=60)
+        assert first.wait(60) != 0  # rank 0 gave up, and its agent with it
+        log = (tmp_path / "node0.log").read_text()
+        assert "exiting for the group to restart" in log and f"exitcode  : {BROKEN_GROUP_EXIT}" in log, log[-3000:]
+    finally:
+        for process in (first, second):
+            for pid in (*_children(process.pid), process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun's ranks run in sessions of their own)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
