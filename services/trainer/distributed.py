@@ -95,10 +95,30 @@ def from_environment(device: str) -> Ranks | None:
     else:
         placement = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=placement if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            store=_store(rank, world_size),
+            rank=rank,
+            world_size=world_size,
+            device_id=placement if use_cuda else None,
+        )
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     log.info("rank %d of %d on %s (%s)", rank, world_size, placement, dist.get_backend())
     return Ranks(rank=rank, world_size=world_size, device=placement, control=control)
+
+
+def _store(rank: int, world_size: int) -> dist.Store:
+    """torchrun's store (its agent's, or rank 0's), with this attempt's keys apart: after torchrun restarts the group,
+    the ranks found the addresses the previous attempt had published under the same keys and could not connect."""
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent_hosts_it and rank == 0,
+        timeout=datetime.timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"rlhf/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shard(model: torch.nn.Module) -> torch.nn.Module:

@@ -169,3 +169,82 @@ def _children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
+
+
+def test_a_rank_killed_restarts_the_group_which_resumes_from_its_checkpoint(tiny_policy_dir, tmp_path):
+    """One machine, 2 ranks under torchrun with one restart allowed and a checkpoint after every step. Rank 1 is
+    killed (SIGKILL): torchrun stops rank 0 and starts both again; they load the newest (sharded) checkpoint, and the
+    step applied before the kill is known (its TrainStep again is a replay, not a second step)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from services.trainer.servicer import rollout_to_pb
+    from shared.proto.rlhf.v1 import trainer_pb2, trainer_pb2_grpc
+    from tests.unit.test_trainer_backend import _ragged_batch
+
+    config = tmp_path / "trainer.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"host": "127.0.0.1", "port": 0, "grace_seconds": 0},
+                "policy": {"path": str(tiny_policy_dir), "cpu_threads": 1},
+                "critic": {"init": "policy"},
+                "checkpoint": {"root": str(tmp_path / "checkpoints"), "every": 1},
+            }
+        )
+    )
+    ready = tmp_path / "ready.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["--max-restarts=1", "-m", "services.cli", "serve", "trainer", "--config", str(config)]
+    command += ["--ready-file", str(ready)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "trainer.log"
+    agent = subprocess.Popen(
+        command, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+    def address() -> str:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert agent.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "rank 0 did not serve"
+            time.sleep(0.2)
+        return f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+
+    def rank_of(pid: int) -> int:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return int(next(e for e in environ if e.startswith(b"RANK=")).split(b"=", 1)[1])
+
+    request = rollout_to_pb(_ragged_batch(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), 4, 0), "run-a", 1)
+    try:
+        with grpc.insecure_channel(address()) as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            first = stub.TrainStep(request, timeout=60)
+            assert first.stats.policy_version == 1 and not first.replayed and first.checkpoint
+        ready.unlink()
+        (rank1,) = [pid for pid in _children(agent.pid) if rank_of(pid) == 1]
+        os.kill(rank1, signal.SIGKILL)
+        with grpc.insecure_channel(address()) as channel:  # the restarted group's rank 0
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            state = stub.GetState(trainer_pb2.GetStateRequest(), timeout=30)
+            assert (state.policy_version, state.step, state.run_id, state.iteration) == (1, 1, "run-a", 1)
+            assert state.checkpoint == first.checkpoint
+            again = stub.TrainStep(request, timeout=60)
+            assert again.replayed and again.stats.policy_version == 1
+        assert json.loads((Path(first.checkpoint) / "trainer_state.json").read_text())["format"] == 2
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(30)
+        except subprocess.TimeoutExpired:
+            for pid in (*_children(agent.pid), agent.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            agent.wait()
