@@ -37,7 +37,10 @@ def _batches(path: str) -> list:
 
 def run_case(case: dict, ranks: distributed.Ranks, out: Path) -> None:
     backend = TrainerBackend(
-        ModelConfig(path=case["policy"]), CriticConfig(**case["critic"]), PPOConfig(**case["ppo"]), ranks=ranks
+        ModelConfig(path=case["policy"], dtype=case.get("dtype", "float32")),
+        CriticConfig(**case["critic"]),
+        PPOConfig(**case["ppo"]),
+        ranks=ranks,
     )
     if ranks.is_leader:
         leader = distributed.Leader(backend, ranks, COLLECTIVE)
