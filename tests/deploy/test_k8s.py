@@ -116,8 +116,15 @@ def config_type(role: str):
 
 
 def argv_of(c: dict) -> list[str]:
-    assert c["command"][0] == "rlhf", c["command"]
-    return [*c["command"][1:], *c.get("args", [])]
+    """The arguments of the ``rlhf`` command a container runs: directly, or on every rank under torchrun (the trainer
+    in the gpu overlays: ``torchrun [options] -m services.cli ARGS``)."""
+    command = [*c["command"], *c.get("args", [])]
+    if command[0] == "torchrun":
+        module = command.index("-m")
+        assert command[module + 1] == "services.cli", command
+        return command[module + 2 :]
+    assert command[0] == "rlhf", c["command"]
+    return command[1:]
 
 
 def config_paths(c: dict) -> list[PurePosixPath]:
@@ -273,7 +280,7 @@ def test_each_container_command_parses_with_the_real_cli(target):
     seen = set()
     for workload in workloads(target):
         for c in pod_spec(workload)["containers"]:
-            if c["command"][0] != "rlhf":
+            if c["command"][0] not in ("rlhf", "torchrun"):
                 continue
             argv = argv_of(c)
             args = build_parser(argv).parse_args(argv)
@@ -620,6 +627,18 @@ def test_gpu_overlay_gives_one_gpu_to_each_model_service_only():
         else:
             assert "nodeSelector" not in spec and "tolerations" not in spec
     assert gpu_limits("base") == {} and gpu_limits("overlays/cpu") == {}
+
+
+@pytest.mark.parametrize("target", ["overlays/gpu", "overlays/gpu-tls"])
+def test_gpu_trainer_runs_one_rank_per_gpu_under_torchrun(target):
+    (c,) = pod_spec(find(target, "Deployment", "trainer"))["containers"]
+    assert c["command"] == ["torchrun"]
+    options = [a for a in c["args"][: c["args"].index("-m")]]
+    assert "--standalone" in options  # one pod: torchrun's own rendezvous on the pod's loopback
+    (nproc,) = [int(a.split("=", 1)[1]) for a in options if a.startswith("--nproc_per_node=")]
+    assert nproc == c["resources"]["limits"]["nvidia.com/gpu"]
+    assert argv_of(c)[:2] == ["serve", "trainer"]
+    assert pod_spec(find("base", "Deployment", "trainer"))["containers"][0]["command"] == ["rlhf"]  # elsewhere: one
 
 
 def test_cpu_overlay_runs_tiny_models_on_cpu():
