@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from services.trainer import distributed
 from services.trainer.backend import TrainerBackend
-from services.trainer.config import CriticConfig, PPOConfig
+from services.trainer.config import CriticConfig, LoRAConfig, PPOConfig
 from services.trainer.servicer import COLLECTIVE, rollout_from_pb
 from shared.modeling import ModelConfig
 from shared.proto.rlhf.v1 import trainer_pb2
@@ -40,6 +40,7 @@ def run_case(case: dict, ranks: distributed.Ranks, out: Path) -> None:
         ModelConfig(path=case["policy"], dtype=case.get("dtype", "float32")),
         CriticConfig(**case["critic"]),
         PPOConfig(**case["ppo"]),
+        lora=LoRAConfig(**case.get("lora", {})),
         ranks=ranks,
     )
     if ranks.is_leader:

@@ -197,8 +197,9 @@ class TrainerBackend:
             if self.critic is not None:
                 precision.enable_gradient_checkpointing(self.critic.backbone)
                 self.critic.train()
-        if ranks is not None and self.lora.enabled:
-            raise ValueError("lora.rank: LoRA adapters on a sharded trainer (torchrun) are not supported yet")
+        if ranks is not None and self.lora.enabled and self._compute_dtype != torch.float32:
+            # The frozen base would be bf16 beside float32 adapters in one FSDP group, which gathers one dtype.
+            raise ValueError("lora.rank with policy.dtype bfloat16 on a sharded trainer (torchrun): not supported yet")
         if ranks is not None:  # before the optimizers: they hold the shards
             self.policy = shard(self.policy)
             if self.critic is not None:
@@ -720,6 +721,8 @@ class TrainerBackend:
         """
         directory = Path(directory)
         if self.ranks is not None:
+            if self.lora.enabled:
+                raise ValueError("checkpoints of a sharded trainer with LoRA adapters are not written yet")
             return self._save_sharded(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
@@ -759,6 +762,8 @@ class TrainerBackend:
         if (directory / MANIFEST).exists():  # checkpoints written before manifests have none
             check_manifest(directory)
         state = json.loads((directory / "trainer_state.json").read_text())
+        if self.ranks is not None and self.lora.enabled:
+            raise ValueError("checkpoints of a sharded trainer with LoRA adapters are not read yet")
         if state.get("format") == SHARDED_FORMAT:
             self._load_sharded(directory, state)
             return

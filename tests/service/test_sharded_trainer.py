@@ -20,7 +20,7 @@ from torch.testing import assert_close
 
 from services.launcher import free_port
 from services.trainer.backend import TrainerBackend
-from services.trainer.config import CriticConfig, PPOConfig
+from services.trainer.config import CriticConfig, LoRAConfig, PPOConfig
 from services.trainer.servicer import rollout_to_pb
 from shared.modeling import ModelConfig
 from tests.unit.test_trainer_backend import _ragged_batch
@@ -32,7 +32,8 @@ TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 def _cases(policy_dir: Path, tied_dir: Path, reward_dir: Path, work: Path) -> list[dict]:
     """Each case's config and batches: micro-batches of one row with a minibatch the ranks cannot split evenly
     (rank 1 makes stand-in calls), the fused first pass, GRPO (no critic) with the KL in the loss, a policy
-    with tied embeddings (its critic started from the policy), and mixed precision (bf16 compute, float32 masters)."""
+    with tied embeddings (its critic started from the policy), mixed precision (bf16 compute, float32 masters), and
+    LoRA adapters on the policy and the critic's backbone (streamed as adapters)."""
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
@@ -41,6 +42,7 @@ def _cases(policy_dir: Path, tied_dir: Path, reward_dir: Path, work: Path) -> li
         ("uneven", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 1}, gae_critic, [5, 5]),
         ("tied", {"ppo_epochs": 2, "minibatch_size": 3, "micro_batch_size": 2}, {"init": "policy"}, [5]),
         ("bf16", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 1}, gae_critic, [5]),
+        ("lora", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, gae_critic, [5, 5]),
         ("fused", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, gae_critic, [4]),
         (
             "grpo",
@@ -69,6 +71,8 @@ def _cases(policy_dir: Path, tied_dir: Path, reward_dir: Path, work: Path) -> li
         spec = {"name": name, "policy": str(model), "critic": critic, "ppo": ppo, "batches": str(path)}
         if name == "bf16":  # mixed precision: float32 master weights and AdamW, bfloat16 forward and backward
             spec["dtype"] = "bfloat16"
+        if name == "lora":  # adapters on the policy and the critic's backbone, their bases frozen
+            spec["lora"] = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
         specs.append(spec)
     return specs
 
@@ -114,7 +118,8 @@ def _one_process(case: dict, load: Path | None = None) -> tuple[TrainerBackend, 
     from tests.sharded_rank import _batches
 
     model = ModelConfig(path=case["policy"], dtype=case.get("dtype", "float32"))
-    backend = TrainerBackend(model, CriticConfig(**case["critic"]), PPOConfig(**case["ppo"]))
+    lora = LoRAConfig(**case.get("lora", {}))
+    backend = TrainerBackend(model, CriticConfig(**case["critic"]), PPOConfig(**case["ppo"]), lora=lora)
     if load is not None:
         backend.load_checkpoint(load)
     stats = []
@@ -126,7 +131,7 @@ def _one_process(case: dict, load: Path | None = None) -> tuple[TrainerBackend, 
     return backend, stats
 
 
-@pytest.mark.parametrize("name", ["uneven", "fused", "grpo", "tied", "bf16"])
+@pytest.mark.parametrize("name", ["uneven", "fused", "grpo", "tied", "bf16", "lora"])
 def test_two_ranks_train_as_one_process(two_ranks, name):
     cases, out = two_ranks
     backend, expected = _one_process(cases[name])
@@ -178,7 +183,8 @@ def _assert_same_run(out: Path, backend: TrainerBackend, expected: list[dict], c
         for n, p in model.named_parameters()
     }
     assert parameters.keys() == mine.keys()
-    initial = TrainerBackend(ModelConfig(path=case["policy"]), CriticConfig(), PPOConfig()).policy
+    lora = LoRAConfig(**case.get("lora", {}))
+    initial = TrainerBackend(ModelConfig(path=case["policy"]), CriticConfig(), PPOConfig(), lora=lora).policy
     moved = 0
     for key, value in mine.items():
         assert_close(parameters[key], value, msg=lambda m, key=key: f"{key}: {m}", **TOLERANCE)
