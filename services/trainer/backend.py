@@ -197,9 +197,6 @@ class TrainerBackend:
             if self.critic is not None:
                 precision.enable_gradient_checkpointing(self.critic.backbone)
                 self.critic.train()
-        if ranks is not None and self.lora.enabled and self._compute_dtype != torch.float32:
-            # The frozen base would be bf16 beside float32 adapters in one FSDP group, which gathers one dtype.
-            raise ValueError("lora.rank with policy.dtype bfloat16 on a sharded trainer (torchrun): not supported yet")
         if ranks is not None:  # before the optimizers: they hold the shards
             self.policy = shard(self.policy)
             if self.critic is not None:

@@ -33,7 +33,7 @@ def _cases(policy_dir: Path, tied_dir: Path, reward_dir: Path, work: Path) -> li
     """Each case's config and batches: micro-batches of one row with a minibatch the ranks cannot split evenly
     (rank 1 makes stand-in calls), the fused first pass, GRPO (no critic) with the KL in the loss, a policy
     with tied embeddings (its critic started from the policy), mixed precision (bf16 compute, float32 masters), and
-    LoRA adapters on the policy and the critic's backbone (streamed as adapters)."""
+    LoRA adapters on the policy and the critic's backbone (streamed as adapters), also with bf16 (frozen bf16 base)."""
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
@@ -43,6 +43,7 @@ def _cases(policy_dir: Path, tied_dir: Path, reward_dir: Path, work: Path) -> li
         ("tied", {"ppo_epochs": 2, "minibatch_size": 3, "micro_batch_size": 2}, {"init": "policy"}, [5]),
         ("bf16", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 1}, gae_critic, [5]),
         ("lora", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, gae_critic, [5, 5]),
+        ("lora_bf16", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, gae_critic, [5]),
         ("fused", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, gae_critic, [4]),
         (
             "grpo",
@@ -69,9 +70,16 @@ def _cases(policy_dir: Path, tied_dir: Path, reward_dir: Path, work: Path) -> li
         ppo = {"learning_rate": 1e-3, **ppo}
         model = tied_dir if name == "tied" else policy_dir
         spec = {"name": name, "policy": str(model), "critic": critic, "ppo": ppo, "batches": str(path)}
-        if name == "bf16":  # mixed precision: float32 master weights and AdamW, bfloat16 forward and backward
+        if name in ("bf16", "lora_bf16"):  # mixed precision: float32 masters and AdamW, bf16 forward and backward
             spec["dtype"] = "bfloat16"
-        if name == "lora":  # adapters on the policy and the critic's backbone, their bases frozen
+        if name == "lora_bf16":
+            # The frozen base is stored in bf16: each rank's micro-batches of other shapes round differently in
+            # bf16 matrix products (the critic's gradient norm: 7e-5 relative), so 1e-3 here, and the fractions of
+            # clipped tokens, which move by one token in 50 when a ratio lands on the other side of the clip, are
+            # left out.
+            spec["tolerance"] = 1e-3
+            spec["uncompared"] = ["clip_fraction", "value_clip_fraction"]
+        if name in ("lora", "lora_bf16"):  # adapters on the policy and the critic's backbone, their bases frozen
             spec["lora"] = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
         specs.append(spec)
     return specs
@@ -131,7 +139,7 @@ def _one_process(case: dict, load: Path | None = None) -> tuple[TrainerBackend, 
     return backend, stats
 
 
-@pytest.mark.parametrize("name", ["uneven", "fused", "grpo", "tied", "bf16", "lora"])
+@pytest.mark.parametrize("name", ["uneven", "fused", "grpo", "tied", "bf16", "lora", "lora_bf16"])
 def test_two_ranks_train_as_one_process(two_ranks, name):
     cases, out = two_ranks
     backend, expected = _one_process(cases[name])
@@ -164,13 +172,17 @@ def _assert_same_run(out: Path, backend: TrainerBackend, expected: list[dict], c
     """The two ranks' statistics (``got``: all of ``out``'s by default), parameters and streamed weights against
     the one process's."""
     got = json.loads((out / "stats.json").read_text()) if got is None else got
+    close = case.get("tolerance", TOLERANCE["rtol"])
+    tolerance = {"atol": close, "rtol": close}
     assert len(got) == len(expected)
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert a.keys() == b.keys() and a["extra"].keys() == b["extra"].keys()
         a, b = {**a.pop("extra"), **a}, {**b.pop("extra"), **b}
         for field, value in b.items():
+            if field in case.get("uncompared", ()):
+                continue
             if isinstance(value, float):
-                assert a[field] == pytest.approx(value, rel=1e-5, abs=1e-5), f"step {step}: {field}"
+                assert a[field] == pytest.approx(value, rel=close, abs=close), f"step {step}: {field}"
             elif field != "policy_epoch":  # a trainer incarnation's timestamp
                 assert a[field] == value, f"step {step}: {field}"
 
@@ -187,7 +199,7 @@ def _assert_same_run(out: Path, backend: TrainerBackend, expected: list[dict], c
     initial = TrainerBackend(ModelConfig(path=case["policy"]), CriticConfig(), PPOConfig(), lora=lora).policy
     moved = 0
     for key, value in mine.items():
-        assert_close(parameters[key], value, msg=lambda m, key=key: f"{key}: {m}", **TOLERANCE)
+        assert_close(parameters[key], value, msg=lambda m, key=key: f"{key}: {m}", **tolerance)
         if key.startswith("policy/"):
             moved += not torch.equal(value, dict(initial.named_parameters())[key.removeprefix("policy/")])
     assert moved, "the steps moved no policy parameter: the comparison would prove nothing"
@@ -197,4 +209,5 @@ def _assert_same_run(out: Path, backend: TrainerBackend, expected: list[dict], c
     for key, value in backend.policy_state():
         # In bf16 (mixed precision sends the compute dtype) a master weight 1e-7 away rounds, now and then, to the
         # neighbouring bf16 value: torch's own bf16 tolerance (one unit in the last place) there.
-        assert_close(streamed[key], value, **(TOLERANCE if value.dtype == torch.float32 else {}))
+        bf16 = {"atol": max(close, 1e-5), "rtol": 1.6e-2}
+        assert_close(streamed[key], value, **(tolerance if value.dtype == torch.float32 else bf16))
