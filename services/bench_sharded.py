@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -116,8 +117,6 @@ def bench(hidden: int = HIDDEN, layers: int = LAYERS, steps: int = 3) -> dict:
 
 
 def _env(threads: int) -> dict:
-    import os
-
     return {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
 

@@ -8,7 +8,6 @@ the trainer's config type)."""
 from __future__ import annotations
 
 import shlex
-import subprocess
 
 import yaml
 
@@ -17,16 +16,14 @@ from services.orchestrator.config import OrchestratorConfig
 from services.trainer.config import TrainerConfig
 from shared.config import config_from_args
 from tests.deploy.test_k8s import (
-    BIN,
     CONFIG_DIR,
-    KUBERNETES_VERSION,
     NAMESPACE,
-    built,
     config_map,
     find,
     objects,
     pod_spec,
     selects,
+    validated,
     workloads,
 )
 
@@ -50,16 +47,7 @@ def torchrun(workload: dict) -> tuple[dict[str, str], list[str]]:
 
 
 def test_builds_and_every_object_validates_against_the_kubernetes_schemas(tmp_path):
-    manifest = tmp_path / "built.yaml"
-    manifest.write_text(built(TARGET))
-    result = subprocess.run(
-        [str(BIN / "kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, str(manifest)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0 and "ERROR" not in output, output
+    output = validated(TARGET, tmp_path)
     for kind, name in (("StatefulSet", "trainer-workers"), ("Service", "trainer-rendezvous")):
         assert f"passed for resource {kind.lower()}/{name} against version" in output, output
     for obj in objects(TARGET):

@@ -8,13 +8,25 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import grpc
 import pytest
+import yaml
+from transformers import AutoModelForCausalLM
 
 from services.demo import DEMO_PPO, service_configs
-from services.launcher import Launcher, follow_run, start_stack
+from services.launcher import Launcher, follow_run, free_port, start_stack
+from services.trainer.distributed import BROKEN_GROUP_EXIT
+from services.trainer.servicer import rollout_to_pb
+from shared.proto.rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from shared.tiny_models import prompts
+from tests.unit.test_trainer_backend import _ragged_batch
 
 pytestmark = pytest.mark.e2e
 
@@ -87,79 +99,44 @@ def test_a_run_with_the_trainer_on_two_ranks_matches_one_process(pretrained_tied
     assert (newest / "sharded").is_dir() and (newest / "policy" / "config.json").is_file()
 
 
-def test_a_rank_lost_on_another_node_ends_rank_0_for_the_group_to_restart(tiny_policy_dir, tmp_path):
-    """Two torchrun agents on loopback, as two nodes (static rendezvous at rank 0's, as the trainer-multinode
-    overlay runs them). The second node dies whole (SIGKILL: its agent and its rank). Rank 0's agent cannot see
-    that; rank 0 finds out at its next command and exits (status 70), so its agent stops too and the group can be
-    started again (by torchrun's restarts or Kubernetes), to resume from the newest checkpoint."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+# -- the trainer's own torchrun, without the other services ------------------------------------------------------
 
-    import grpc
-    import yaml
-    from transformers import AutoModelForCausalLM
 
-    from services.launcher import free_port
-    from services.trainer.distributed import BROKEN_GROUP_EXIT
-    from services.trainer.servicer import rollout_to_pb
-    from shared.proto.rlhf.v1 import trainer_pb2_grpc
-    from tests.unit.test_trainer_backend import _ragged_batch
-
+def _torchrun(tmp_path: Path, name: str, torchrun_options: list[str], trainer: dict) -> subprocess.Popen:
+    """``rlhf serve trainer`` under torchrun with ``torchrun_options``: the trainer's config (loopback, no token,
+    the tiny models) plus ``trainer``, its log in ``name``.log, rank 0's ready file ready.json."""
     config = tmp_path / "trainer.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "server": {"host": "127.0.0.1", "port": 0, "grace_seconds": 0},
-                "policy": {"path": str(tiny_policy_dir), "cpu_threads": 1},
-                "critic": {"init": "policy"},
-            }
-        )
-    )
-    ready = tmp_path / "ready.json"
-    port = free_port()
+    if not config.exists():
+        base = {"server": {"host": "127.0.0.1", "port": 0, "grace_seconds": 0}, "critic": {"init": "policy"}}
+        config.write_text(yaml.safe_dump({**base, **trainer}))
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_options, "-m", "services.cli", "serve"]
+    command += ["trainer", "--config", str(config), "--ready-file", str(tmp_path / "ready.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / f"{name}.log").open("w")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def node(rank: int) -> subprocess.Popen:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
-        command += [f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", "--max-restarts=0"]
-        command += ["-m", "services.cli", "serve", "trainer", "--config", str(config), "--ready-file", str(ready)]
-        log = (tmp_path / f"node{rank}.log").open("w")
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    first, second = node(0), node(1)
-    try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert first.poll() is None and second.poll() is None, (tmp_path / "node0.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "rank 0 did not serve"
-            time.sleep(0.2)
-        address = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
-        request = rollout_to_pb(_ragged_batch(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), 4, 0), "", 0)
-        with grpc.insecure_channel(address) as channel:
-            stub = trainer_pb2_grpc.TrainerStub(channel)
-            assert stub.TrainStep(request, timeout=60).stats.policy_version == 1  # both ranks take part
+def _rank0_address(tmp_path: Path, agents: list[subprocess.Popen], log: str) -> str:
+    """Waits for rank 0 to serve (its ready file) while every agent runs; its gRPC address."""
+    ready = tmp_path / "ready.json"
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert all(a.poll() is None for a in agents), (tmp_path / log).read_text()[-3000:]
+        assert time.monotonic() < deadline, "rank 0 did not serve"
+        time.sleep(0.2)
+    return f"127.0.0.1:{json.loads(ready.read_text())['port']}"
 
-            for pid in (*_children(second.pid), second.pid):  # the other node: its rank (own session), its agent
-                os.kill(pid, signal.SIGKILL)
-            second.wait(30)
-            with pytest.raises(grpc.RpcError):
-                stub.TrainStep(request, timeout=60)
-        assert first.wait(60) != 0  # rank 0 gave up, and its agent with it
-        log = (tmp_path / "node0.log").read_text()
-        assert "exiting for the group to restart" in log and f"exitcode  : {BROKEN_GROUP_EXIT}" in log, log[-3000:]
-    finally:
-        for process in (first, second):
-            for pid in (*_children(process.pid), process.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            process.wait()
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL to a torchrun agent and its ranks (which run in sessions of their own)."""
+    for pid in (*_children(process.pid), process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
 
 
 def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (torchrun's ranks run in sessions of their own)."""
+    """The processes whose parent is ``pid``."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -171,67 +148,65 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _request(policy_dir: Path, run_id: str = "", iteration: int = 0):
+    return rollout_to_pb(_ragged_batch(AutoModelForCausalLM.from_pretrained(policy_dir), 4, 0), run_id, iteration)
+
+
+def test_a_rank_lost_on_another_node_ends_rank_0_for_the_group_to_restart(tiny_policy_dir, tmp_path):
+    """Two torchrun agents on loopback, as two nodes (static rendezvous at rank 0's, as the trainer-multinode
+    overlay runs them). The second node dies whole (SIGKILL: its agent and its rank). Rank 0's agent cannot see
+    that; rank 0 finds out at its next command and exits (status 70), so its agent stops too and the group can be
+    started again (by torchrun's restarts or Kubernetes), to resume from the newest checkpoint."""
+    port = free_port()
+    trainer = {"policy": {"path": str(tiny_policy_dir), "cpu_threads": 1}}
+
+    def node(rank: int) -> subprocess.Popen:
+        options = ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1"]
+        return _torchrun(tmp_path, f"node{rank}", [*options, f"--master_port={port}", "--max-restarts=0"], trainer)
+
+    first, second = node(0), node(1)
+    try:
+        request = _request(tiny_policy_dir)
+        with grpc.insecure_channel(_rank0_address(tmp_path, [first, second], "node0.log")) as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            assert stub.TrainStep(request, timeout=60).stats.policy_version == 1  # both ranks take part
+
+            _kill_tree(second)  # the other node: its rank and its agent
+            with pytest.raises(grpc.RpcError):
+                stub.TrainStep(request, timeout=60)
+        assert first.wait(60) != 0  # rank 0 gave up, and its agent with it
+        log = (tmp_path / "node0.log").read_text()
+        assert "exiting for the group to restart" in log and f"exitcode  : {BROKEN_GROUP_EXIT}" in log, log[-3000:]
+    finally:
+        _kill_tree(first)
+        _kill_tree(second)
+
+
 def test_a_rank_killed_restarts_the_group_which_resumes_from_its_checkpoint(tiny_policy_dir, tmp_path):
     """One machine, 2 ranks under torchrun with one restart allowed and a checkpoint after every step. Rank 1 is
     killed (SIGKILL): torchrun stops rank 0 and starts both again; they load the newest (sharded) checkpoint, and the
     step applied before the kill is known (its TrainStep again is a replay, not a second step)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import grpc
-    import yaml
-    from transformers import AutoModelForCausalLM
-
-    from services.trainer.servicer import rollout_to_pb
-    from shared.proto.rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-    from tests.unit.test_trainer_backend import _ragged_batch
-
-    config = tmp_path / "trainer.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "server": {"host": "127.0.0.1", "port": 0, "grace_seconds": 0},
-                "policy": {"path": str(tiny_policy_dir), "cpu_threads": 1},
-                "critic": {"init": "policy"},
-                "checkpoint": {"root": str(tmp_path / "checkpoints"), "every": 1},
-            }
-        )
-    )
-    ready = tmp_path / "ready.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["--max-restarts=1", "-m", "services.cli", "serve", "trainer", "--config", str(config)]
-    command += ["--ready-file", str(ready)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    log_path = tmp_path / "trainer.log"
-    agent = subprocess.Popen(
-        command, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-    def address() -> str:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert agent.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "rank 0 did not serve"
-            time.sleep(0.2)
-        return f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+    trainer = {
+        "policy": {"path": str(tiny_policy_dir), "cpu_threads": 1},
+        "checkpoint": {"root": str(tmp_path / "checkpoints"), "every": 1},
+    }
+    agent = _torchrun(tmp_path, "trainer", ["--standalone", "--nproc_per_node=2", "--max-restarts=1"], trainer)
 
     def rank_of(pid: int) -> int:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         return int(next(e for e in environ if e.startswith(b"RANK=")).split(b"=", 1)[1])
 
-    request = rollout_to_pb(_ragged_batch(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), 4, 0), "run-a", 1)
+    request = _request(tiny_policy_dir, "run-a", 1)
     try:
-        with grpc.insecure_channel(address()) as channel:
+        with grpc.insecure_channel(_rank0_address(tmp_path, [agent], "trainer.log")) as channel:
             stub = trainer_pb2_grpc.TrainerStub(channel)
             first = stub.TrainStep(request, timeout=60)
             assert first.stats.policy_version == 1 and not first.replayed and first.checkpoint
-        ready.unlink()
+        (tmp_path / "ready.json").unlink()
         (rank1,) = [pid for pid in _children(agent.pid) if rank_of(pid) == 1]
         os.kill(rank1, signal.SIGKILL)
-        with grpc.insecure_channel(address()) as channel:  # the restarted group's rank 0
+        # the restarted group's rank 0
+        with grpc.insecure_channel(_rank0_address(tmp_path, [agent], "trainer.log")) as channel:
             stub = trainer_pb2_grpc.TrainerStub(channel)
             state = stub.GetState(trainer_pb2.GetStateRequest(), timeout=30)
             assert (state.policy_version, state.step, state.run_id, state.iteration) == (1, 1, "run-a", 1)
@@ -244,7 +219,4 @@ def test_a_rank_killed_restarts_the_group_which_resumes_from_its_checkpoint(tiny
         try:
             agent.wait(30)
         except subprocess.TimeoutExpired:
-            for pid in (*_children(agent.pid), agent.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            agent.wait()
+            _kill_tree(agent)
