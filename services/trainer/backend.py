@@ -45,6 +45,8 @@ from services.trainer.critic import Critic
 from services.trainer.distributed import Ranks, full, shard
 from services.trainer.lora import (
     ADAPTER_DIR,
+    adapter_names,
+    check_adapter_config,
     merged_copy,
     read_adapter,
     trainable_state,
@@ -718,8 +720,6 @@ class TrainerBackend:
         """
         directory = Path(directory)
         if self.ranks is not None:
-            if self.lora.enabled:
-                raise ValueError("checkpoints of a sharded trainer with LoRA adapters are not written yet")
             return self._save_sharded(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
@@ -759,8 +759,10 @@ class TrainerBackend:
         if (directory / MANIFEST).exists():  # checkpoints written before manifests have none
             check_manifest(directory)
         state = json.loads((directory / "trainer_state.json").read_text())
-        if self.ranks is not None and self.lora.enabled:
-            raise ValueError("checkpoints of a sharded trainer with LoRA adapters are not read yet")
+        if not self.lora.enabled and (directory / ADAPTER_DIR).exists():
+            raise ValueError(
+                f"{directory}: a LoRA checkpoint (it has {ADAPTER_DIR}/), but this trainer's lora.rank is 0"
+            )
         if state.get("format") == SHARDED_FORMAT:
             self._load_sharded(directory, state)
             return
@@ -770,10 +772,6 @@ class TrainerBackend:
         if self.ranks is not None:
             self._load_whole_into_shards(directory, state)
             return
-        if not self.lora.enabled and (directory / ADAPTER_DIR).exists():
-            raise ValueError(
-                f"{directory}: a LoRA checkpoint (it has {ADAPTER_DIR}/), but this trainer's lora.rank is 0"
-            )
         policy_files = ADAPTER_DIR if self.lora.enabled else "policy"
         needed = (policy_files, "optimizer.safetensors") + (("critic.safetensors",) if self.critic is not None else ())
         missing = [n for n in needed if not (directory / n).exists()]
@@ -857,9 +855,12 @@ class TrainerBackend:
     def _save_sharded(self, directory: Path) -> Path:
         """The sharded format (``SHARDED_FORMAT``), written by every rank (a collective): each rank its shards of
         ``sharded/``, then rank 0 the Hugging Face export of the whole policy (gathered to its CPU), the state, the
-        manifest, and the rename into place. Staged beside ``directory`` as in the one-process format."""
+        manifest, and the rename into place. Staged beside ``directory`` as in the one-process format.
+
+        With LoRA ``sharded/`` holds what trains (the adapters, the critic's head, their AdamW states: the frozen base
+        is the model the trainer was started from) and rank 0 writes ``adapter/`` (peft's format, the adapter
+        gathered) and, with ``lora.export_merged``, ``policy/`` merged, as the one-process format does."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         ranks = self.ranks
         staging = directory.parent / f".{directory.name}.sharded.tmp"
@@ -872,11 +873,12 @@ class TrainerBackend:
                 error = f"cannot stage {staging}: {exc}"
         ranks.check(error)
         dcp.save(self._sharded_state(), checkpoint_id=str(staging / SHARDED_DIR))
-        whole = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Gathered to rank 0's CPU (a collective): the whole policy, or with LoRA its adapter alone.
+        whole = self._full_policy_state()
         error = None
         if ranks.is_leader:
             try:
-                self._export_policy(staging / "policy", whole)
+                self._export_policy(staging, whole)
                 state = self._counters(SHARDED_FORMAT, sorted(self._optimizers))
                 state["ranks"] = ranks.world_size
                 (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -890,21 +892,46 @@ class TrainerBackend:
         log.info("checkpoint of step %d (policy version %d) written to %s", self.step, self.version, directory)
         return directory
 
-    def _export_policy(self, path: Path, whole: dict[str, torch.Tensor]) -> None:
-        """The whole policy in Hugging Face format (safetensors + config + tokenizer), from its full state dict."""
-        self.policy.save_pretrained(path, state_dict=whole, safe_serialization=True)
-        load_tokenizer(self._policy_config).save_pretrained(path)
+    def _state_options(self, **options):
+        """The DCP state-dict options of this trainer: with LoRA the frozen base weights are left out."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.lora.enabled, strict=not self.lora.enabled, **options)
+
+    def _full_policy_state(self) -> dict[str, torch.Tensor]:
+        """The policy's state (its trainable part with LoRA) gathered whole to rank 0's CPU; empty on the others."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        options = self._state_options(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.policy, options=options)
+
+    def _export_policy(self, staging: Path, whole: dict[str, torch.Tensor]) -> None:
+        """``policy/``, the whole policy in Hugging Face format (safetensors + config + tokenizer), from its full
+        state dict. With LoRA ``whole`` is the adapter: ``adapter/`` in peft's format, and ``policy/`` (if
+        ``lora.export_merged``) the adapter merged into a CPU copy of the frozen base, read again from its files."""
+        if not self.lora.enabled:
+            self.policy.save_pretrained(staging / "policy", state_dict=whole, safe_serialization=True)
+        else:
+            self.policy.save_pretrained(staging / ADAPTER_DIR, state_dict=whole, safe_serialization=True)
+            if not self.lora.export_merged:
+                return
+            base = precision.load_trainable_causal_lm(self._policy_config.model_copy(update={"device": "cpu"}), True)
+            policy = wrap_policy(base, self.lora)
+            load_adapter_state(policy, read_adapter(staging / ADAPTER_DIR, policy, torch.device("cpu")))
+            policy.merge_and_unload().save_pretrained(staging / "policy", safe_serialization=True)
+        load_tokenizer(self._policy_config).save_pretrained(staging / "policy")
 
     def _sharded_state(self, policy: torch.nn.Module | None = None, optimizers: dict | None = None) -> dict:
         """What ``sharded/`` holds, keyed ``model.<name>`` and ``optimizer.<name>``: each a state dict by parameter
-        name (shards on several ranks, whole tensors in one process)."""
+        name (shards on several ranks, whole tensors in one process); with LoRA the trainable parameters only."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         models = self._models(policy)
         optimizers = optimizers if optimizers is not None else self._optimizers
-        state = {f"model.{name}": get_model_state_dict(model) for name, model in models.items()}
+        options = self._state_options()
+        state = {f"model.{name}": get_model_state_dict(model, options=options) for name, model in models.items()}
         for name, optimizer in optimizers.items():
-            state[f"optimizer.{name}"] = get_optimizer_state_dict(models[name], optimizer)
+            state[f"optimizer.{name}"] = get_optimizer_state_dict(models[name], optimizer, options=options)
         return state
 
     def _load_sharded(self, directory: Path, state: dict) -> None:
@@ -914,7 +941,9 @@ class TrainerBackend:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         if self.lora.enabled:
-            raise ValueError(f"{directory}: a sharded trainer's checkpoint (no LoRA adapter) into a LoRA trainer")
+            if not (directory / ADAPTER_DIR).is_dir():
+                raise ValueError(f"{directory}: a checkpoint without a LoRA adapter, but this trainer's lora.rank > 0")
+            check_adapter_config(directory / ADAPTER_DIR, self.policy)
         self._check_optimizers(directory, state["optimizers"])
         if not (directory / SHARDED_DIR).is_dir():
             raise ValueError(f"{directory}: incomplete checkpoint, missing {SHARDED_DIR}/")
@@ -922,33 +951,34 @@ class TrainerBackend:
         copies = {key: _cloned(value) for key, value in target.items()}
         dcp.load(copies, checkpoint_id=str(directory / SHARDED_DIR))
         models = self._models()
+        options = self._state_options()
         for name, model in models.items():
-            set_model_state_dict(model, copies[f"model.{name}"])
+            set_model_state_dict(model, copies[f"model.{name}"], options=options)
         for name, optimizer in self._optimizers.items():
-            set_optimizer_state_dict(models[name], optimizer, copies[f"optimizer.{name}"])
+            set_optimizer_state_dict(models[name], optimizer, copies[f"optimizer.{name}"], options=options)
         self._restore_counters(directory, state)
 
     def _load_whole_into_shards(self, directory: Path, state: dict) -> None:
         """A one-process checkpoint into a sharded trainer: each rank reads the whole tensors and keeps its shards;
-        the optimizer state, saved by parameter index, is matched to the parameters by name."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        the optimizer state, saved by parameter index, is matched to the parameters by name. With LoRA the policy
+        is its ``adapter/`` (peft's names mapped to the parameters') and the critic's file holds what trains."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        if (directory / ADAPTER_DIR).exists():
-            raise ValueError(f"{directory}: a LoRA checkpoint into a sharded trainer (not supported yet)")
         self._check_optimizers(directory, state["optimizers"])
-        needed = ("policy", "optimizer.safetensors") + (("critic.safetensors",) if self.critic is not None else ())
+        policy_files = ADAPTER_DIR if self.lora.enabled else "policy"
+        needed = (policy_files, "optimizer.safetensors") + (("critic.safetensors",) if self.critic is not None else ())
         missing = [n for n in needed if not (directory / n).exists()]
         if missing:
             raise ValueError(f"{directory}: incomplete checkpoint, missing {', '.join(missing)}")
-        whole = {
-            "policy": precision.load_trainable_causal_lm(
-                self._policy_config.model_copy(update={"path": str(directory / "policy"), "device": "cpu"})
-            ).state_dict()
-        }
+        if self.lora.enabled:
+            adapter = read_adapter(directory / ADAPTER_DIR, self.policy, torch.device("cpu"))
+            whole = {"policy": {name: adapter[portable] for name, portable in adapter_names(self.policy).items()}}
+        else:
+            whole = {
+                "policy": precision.load_trainable_causal_lm(
+                    self._policy_config.model_copy(update={"path": str(directory / "policy"), "device": "cpu"})
+                ).state_dict()
+            }
         if self.critic is not None:
             whole["critic"] = load_file(str(directory / "critic.safetensors"))
         tensors = load_file(str(directory / "optimizer.safetensors"))
@@ -962,8 +992,8 @@ class TrainerBackend:
                 "state": {names[index]: value for index, value in by_index["state"].items()},
                 "param_groups": [{**group, "params": [names[index] for index in group["params"]]} for group in groups],
             }
-        whole_options = StateDictOptions(full_state_dict=True)
+        options = self._state_options(full_state_dict=True)
         for name, model in models.items():
-            set_model_state_dict(model, whole[name], options=whole_options)
-            set_optimizer_state_dict(model, self._optimizers[name], optimizer_states[name], options=whole_options)
+            set_model_state_dict(model, whole[name], options=options)
+            set_optimizer_state_dict(model, self._optimizers[name], optimizer_states[name], options=options)
         self._restore_counters(directory, state)

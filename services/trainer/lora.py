@@ -65,9 +65,19 @@ def merged_copy(model: PeftModel) -> PreTrainedModel:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def read_adapter(directory: Path, model: PeftModel, device: torch.device) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint's adapter directory, checked against ``model``'s adapter; ValueError if they do
-    not fit it (another rank, alpha or set of target modules than the trainer's ``lora`` section)."""
+def adapter_names(model: PeftModel) -> dict[str, str]:
+    """The policy's adapter parameters by their names in the model (``...q_proj.lora_A.default.weight``), each
+    mapped to its portable name in peft's files and in ``adapter_state`` (``...q_proj.lora_A.weight``)."""
+    portable = set(shared_lora.adapter_state(model))
+    suffix = f".{model.active_adapter}"
+    names = {name: name.replace(suffix, "") for name, p in model.named_parameters() if p.requires_grad}
+    if set(names.values()) != portable:
+        raise ValueError(f"the adapter's parameters {sorted(names)} do not map onto peft's names {sorted(portable)}")
+    return names
+
+
+def check_adapter_config(directory: Path, model: PeftModel) -> None:
+    """ValueError unless the adapter saved in ``directory`` has ``model``'s rank, alpha and target modules."""
     from peft import LoraConfig
 
     saved, ours = LoraConfig.from_pretrained(str(directory)), model.active_peft_config
@@ -80,6 +90,12 @@ def read_adapter(directory: Path, model: PeftModel, device: torch.device) -> dic
             f"{directory}: adapter of (rank, alpha, target_modules) {shape(saved)}, but the trainer's lora section "
             f"says {shape(ours)}"
         )
+
+
+def read_adapter(directory: Path, model: PeftModel, device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's adapter directory, checked against ``model``'s adapter; ValueError if they do
+    not fit it (another rank, alpha or set of target modules than the trainer's ``lora`` section)."""
+    check_adapter_config(directory, model)
     state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(device))
     expected = {name: tuple(t.shape) for name, t in shared_lora.adapter_state(model).items()}
     if {name: tuple(t.shape) for name, t in state.items()} != expected:

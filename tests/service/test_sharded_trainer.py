@@ -87,15 +87,19 @@ def _cases(policy_dir: Path, tied_dir: Path, reward_dir: Path, work: Path) -> li
 
 def _checkpoint_cases(cases: dict, work: Path) -> list[dict]:
     """ "to_one": two ranks step on batch 1, save (sharded format), step on batch 2; "from_one": one process steps
-    on batch 1 and saves (one-process format) here, two ranks load that and step on batch 2."""
-    uneven = cases["uneven"]
-    from_one = work / "from-one-process"
-    backend, _ = _one_process({**uneven, "steps": 1})
-    backend.save_checkpoint(from_one)
-    return [
-        {**uneven, "name": "to_one", "save_after": 1, "save_to": str(work / "from-two-ranks")},
-        {**uneven, "name": "from_one", "load": str(from_one), "skip": 1},
-    ]
+    on batch 1 and saves (one-process format) here, two ranks load that and step on batch 2. The same with LoRA
+    adapters on the policy and the critic ("lora_to_one", "lora_from_one"), whose checkpoints hold what trains."""
+    made = []
+    for base, prefix in (("uneven", ""), ("lora", "lora_")):
+        case = cases[base]
+        from_one = work / f"{prefix}from-one-process"
+        backend, _ = _one_process({**case, "steps": 1})
+        backend.save_checkpoint(from_one)
+        made += [
+            {**case, "name": f"{prefix}to_one", "save_after": 1, "save_to": str(work / f"{prefix}from-two-ranks")},
+            {**case, "name": f"{prefix}from_one", "load": str(from_one), "skip": 1},
+        ]
+    return made
 
 
 @pytest.fixture(scope="module")
@@ -146,26 +150,57 @@ def test_two_ranks_train_as_one_process(two_ranks, name):
     _assert_same_run(out / name, backend, expected, cases[name])
 
 
-def test_a_checkpoint_of_two_ranks_loads_into_one_process(two_ranks):
+@pytest.mark.parametrize("name", ["to_one", "lora_to_one"])
+def test_a_checkpoint_of_two_ranks_loads_into_one_process(two_ranks, name):
     """The sharded format: two ranks wrote it after their first step; one process loads it and makes the second
-    step as the two ranks did."""
+    step as the two ranks did. Its Hugging Face export (with LoRA: the adapter in peft's format and the merged
+    model) is the one the process writes after the same first step."""
     cases, out = two_ranks
-    case = cases["to_one"]
+    case = cases[name]
     saved = Path(case["save_to"])
     assert json.loads((saved / "trainer_state.json").read_text())["format"] == 2
-    assert (saved / "policy" / "config.json").is_file()  # the Hugging Face export beside the shards
+    mine = Path(case["save_to"] + ".one-process")
+    _one_process({**case, "steps": 1})[0].save_checkpoint(mine)
+    exports = ["policy/model.safetensors"] + (["adapter/adapter_model.safetensors"] if "lora" in case else [])
+    for export in exports:
+        got, expected = load_file(str(saved / export)), load_file(str(mine / export))
+        assert got.keys() == expected.keys(), export
+        for key, value in expected.items():
+            assert_close(got[key], value, msg=lambda m, key=f"{export} {key}": f"{key}: {m}", **TOLERANCE)
     backend, expected = _one_process({**case, "skip": 1}, load=saved)
-    got = json.loads((out / "to_one" / "stats.json").read_text())[1:]  # the step after the save
-    _assert_same_run(out / "to_one", backend, expected, case, got=got)
+    got = json.loads((out / name / "stats.json").read_text())[1:]  # the step after the save
+    _assert_same_run(out / name, backend, expected, case, got=got)
 
 
-def test_a_checkpoint_of_one_process_loads_into_two_ranks(two_ranks):
+@pytest.mark.parametrize("name", ["from_one", "lora_from_one"])
+def test_a_checkpoint_of_one_process_loads_into_two_ranks(two_ranks, name):
     """The one-process format (AdamW state by parameter index) into two ranks, whose next step is the one the
     process that wrote it makes."""
     cases, out = two_ranks
-    case = cases["from_one"]
+    case = cases[name]
     backend, expected = _one_process(case, load=Path(case["load"]))
-    _assert_same_run(out / "from_one", backend, expected, case)
+    _assert_same_run(out / name, backend, expected, case)
+
+
+def test_a_sharded_checkpoint_refuses_a_trainer_of_another_shape(two_ranks):
+    """A LoRA checkpoint of two ranks into a trainer without LoRA or with another adapter rank, and a full one into
+    a LoRA trainer: a clear error, and the trainer as it was."""
+    cases, _ = two_ranks
+    lora, full = Path(cases["lora_to_one"]["save_to"]), Path(cases["to_one"]["save_to"])
+    case = cases["lora"]
+    model, critic, ppo = ModelConfig(path=case["policy"]), CriticConfig(**case["critic"]), PPOConfig(**case["ppo"])
+    plain = TrainerBackend(model, critic, ppo)
+    with pytest.raises(ValueError, match="a LoRA checkpoint"):
+        plain.load_checkpoint(lora)
+    other = TrainerBackend(model, critic, ppo, lora=LoRAConfig(**{**case["lora"], "rank": 2}))
+    before = {name: p.detach().clone() for name, p in other.policy.named_parameters()}
+    with pytest.raises(ValueError, match="rank, alpha"):
+        other.load_checkpoint(lora)
+    with pytest.raises(ValueError, match="without a LoRA adapter"):
+        other.load_checkpoint(full)
+    assert other.step == 0
+    for name, p in other.policy.named_parameters():
+        assert torch.equal(p, before[name]), name
 
 
 def _assert_same_run(out: Path, backend: TrainerBackend, expected: list[dict], case: dict, got=None) -> None:
