@@ -48,6 +48,8 @@ def run_case(case: dict, ranks: distributed.Ranks, out: Path) -> None:
         if case.get("load"):
             leader.load_checkpoint(Path(case["load"]))
         stats = []
+        if case.get("save_after") == 0:
+            leader.save_checkpoint(Path(case["save_to"]))
         for index, batch in enumerate(_batches(case["batches"])[case.get("skip", 0) :]):
             record = dataclasses.asdict(leader.train_step(batch))
             record.pop("step_seconds")

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,6 +138,20 @@ def _cloned(tree):
     if isinstance(tree, list):
         return [_cloned(value) for value in tree]
     return tree
+
+
+@contextmanager
+def _kept_fresh(optimizers: dict[str, torch.optim.Optimizer]) -> Iterator[None]:
+    """Leaves an optimizer that has made no step without state. DCP's ``get_optimizer_state_dict`` gives one a
+    placeholder state (an AdamW step at learning rate 0: step 1, zero moments) to have tensors to save or load into;
+    kept, it would shift the bias correction of every later step by one, and a run that saved a checkpoint before its
+    first step would no longer train as one that did not."""
+    fresh = [optimizer for optimizer in optimizers.values() if not optimizer.state]
+    try:
+        yield
+    finally:
+        for optimizer in fresh:
+            optimizer.state.clear()
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -872,7 +887,9 @@ class TrainerBackend:
             except OSError as exc:
                 error = f"cannot stage {staging}: {exc}"
         ranks.check(error)
-        dcp.save(self._sharded_state(), checkpoint_id=str(staging / SHARDED_DIR))
+        fresh = sorted(name for name, optimizer in self._optimizers.items() if not optimizer.state)
+        with _kept_fresh(self._optimizers):
+            dcp.save(self._sharded_state(), checkpoint_id=str(staging / SHARDED_DIR))
         # Gathered to rank 0's CPU (a collective): the whole policy, or with LoRA its adapter alone.
         whole = self._full_policy_state()
         error = None
@@ -881,6 +898,7 @@ class TrainerBackend:
                 self._export_policy(staging, whole)
                 state = self._counters(SHARDED_FORMAT, sorted(self._optimizers))
                 state["ranks"] = ranks.world_size
+                state["fresh_optimizers"] = fresh  # no step yet: their saved state is DCP's placeholder
                 (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
                 write_manifest(staging)
                 replace_directory(staging, directory)
@@ -947,8 +965,8 @@ class TrainerBackend:
         self._check_optimizers(directory, state["optimizers"])
         if not (directory / SHARDED_DIR).is_dir():
             raise ValueError(f"{directory}: incomplete checkpoint, missing {SHARDED_DIR}/")
-        target = self._sharded_state()
-        copies = {key: _cloned(value) for key, value in target.items()}
+        with _kept_fresh(self._optimizers):
+            copies = {key: _cloned(value) for key, value in self._sharded_state().items()}
         dcp.load(copies, checkpoint_id=str(directory / SHARDED_DIR))
         models = self._models()
         options = self._state_options()
@@ -956,6 +974,8 @@ class TrainerBackend:
             set_model_state_dict(model, copies[f"model.{name}"], options=options)
         for name, optimizer in self._optimizers.items():
             set_optimizer_state_dict(models[name], optimizer, copies[f"optimizer.{name}"], options=options)
+        for name in state.get("fresh_optimizers", ()):
+            self._optimizers[name].state.clear()  # as it was when saved: its first step starts the moments
         self._restore_counters(directory, state)
 
     def _load_whole_into_shards(self, directory: Path, state: dict) -> None:

@@ -99,6 +99,7 @@ def _checkpoint_cases(cases: dict, work: Path) -> list[dict]:
             {**case, "name": f"{prefix}to_one", "save_after": 1, "save_to": str(work / f"{prefix}from-two-ranks")},
             {**case, "name": f"{prefix}from_one", "load": str(from_one), "skip": 1},
         ]
+    made.append({**cases["uneven"], "name": "save_first", "save_after": 0, "save_to": str(work / "before-first-step")})
     return made
 
 
@@ -180,6 +181,19 @@ def test_a_checkpoint_of_one_process_loads_into_two_ranks(two_ranks, name):
     case = cases[name]
     backend, expected = _one_process(case, load=Path(case["load"]))
     _assert_same_run(out / name, backend, expected, case)
+
+
+def test_a_checkpoint_before_the_first_step_changes_nothing(two_ranks):
+    """Saved before any step (DCP gives an optimizer without state a placeholder one to save): the two ranks then
+    train exactly as one process that never saved, and one process that loads it trains the same again."""
+    cases, out = two_ranks
+    case = cases["save_first"]
+    saved = Path(case["save_to"])
+    assert json.loads((saved / "trainer_state.json").read_text())["fresh_optimizers"] == ["critic", "policy"]
+    backend, expected = _one_process(case)
+    _assert_same_run(out / "save_first", backend, expected, case)
+    backend, expected = _one_process(case, load=saved)
+    _assert_same_run(out / "save_first", backend, expected, case)
 
 
 def test_a_sharded_checkpoint_refuses_a_trainer_of_another_shape(two_ranks):
