@@ -21,7 +21,11 @@ class GenerationDiscovery(StrictModel):
 
     mode: DiscoveryMode = Field(DiscoveryMode.STATIC, description="static: peers.generation; kubernetes: a Service")
     service: str = Field("", description="kubernetes: name of the generation Service (its EndpointSlices are watched)")
-    namespace: str = Field("", description="kubernetes: namespace of the Service")
+    namespace: str = Field(
+        "",
+        description="kubernetes: namespace of the Service; empty = the orchestrator's own (in a pod: its service "
+        "account's namespace; with a kubeconfig: its current context's)",
+    )
     port_name: str = Field("grpc", description="kubernetes: name of the Service port that serves gRPC")
     kubeconfig: str = Field("", description="kubernetes: kubeconfig file; empty = in-cluster config (service account)")
     watch_timeout_s: int = Field(
@@ -30,10 +34,8 @@ class GenerationDiscovery(StrictModel):
 
     @model_validator(mode="after")
     def _kubernetes_needs_a_service(self):
-        if self.mode is DiscoveryMode.KUBERNETES:
-            for name in ("service", "namespace"):
-                if not getattr(self, name):
-                    raise ValueError(f"{name} is required when mode is kubernetes")
+        if self.mode is DiscoveryMode.KUBERNETES and not self.service:
+            raise ValueError("service is required when mode is kubernetes")
         return self
 
 

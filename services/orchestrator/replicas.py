@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -87,6 +88,10 @@ class StaticReplicas:
         pass
 
 
+# Where Kubernetes puts a pod's own namespace, beside its service account token.
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
 class KubernetesReplicas:
     """The ready endpoints of a Service, from its ``discovery.k8s.io/v1`` EndpointSlices.
 
@@ -108,6 +113,24 @@ class KubernetesReplicas:
         self._watch = None
         self._published: frozenset[str] | None = None
 
+    def _namespace(self) -> str:
+        """The configured namespace, else the orchestrator's own: its pod's service account namespace in a cluster,
+        its kubeconfig's current context's namespace (or ``default``) outside one."""
+        if self.discovery.namespace:
+            return self.discovery.namespace
+        if self.discovery.kubeconfig:
+            from kubernetes import config
+
+            _, context = config.list_kube_config_contexts(config_file=self.discovery.kubeconfig)
+            return context.get("context", {}).get("namespace") or "default"
+        try:
+            return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+        except OSError as exc:
+            raise RuntimeError(
+                f"generation_discovery.namespace is empty and {SERVICE_ACCOUNT_NAMESPACE} cannot be read ({exc}): "
+                "set the namespace, or run in a pod with a service account token"
+            ) from None
+
     def _api_client(self):
         from kubernetes import client, config
 
@@ -119,7 +142,9 @@ class KubernetesReplicas:
 
     def start(self, on_change: Callable[[frozenset[str]], None]) -> None:
         loop = asyncio.get_running_loop()
-        self._api = self._api_client()  # here, not in the thread: a missing config fails the run at once
+        # Here, not in the thread: a missing config or namespace fails the run at once.
+        self._api = self._api_client()
+        self.namespace = self._namespace()
 
         def publish(addresses: frozenset[str]) -> None:
             if addresses != self._published:
@@ -137,7 +162,7 @@ class KubernetesReplicas:
 
         api = client.DiscoveryV1Api(self._api)
         delay = self.initial_backoff_s
-        namespace, timeout = self.discovery.namespace, self.discovery.watch_timeout_s
+        namespace, timeout = self.namespace, self.discovery.watch_timeout_s
         while not self._stop.is_set():
             try:
                 listed = api.list_namespaced_endpoint_slice(

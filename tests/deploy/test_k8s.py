@@ -104,8 +104,9 @@ def container(target: str, role: str) -> dict:
     return only
 
 
-def config_map(target: str) -> dict:
-    (cm,) = [o for o in of_kind(target, "ConfigMap") if o["metadata"]["name"].startswith("rlhf-config")]
+def config_map(target: str, role: str) -> dict:
+    """The role's own ConfigMap (``<role>-config-<hash>``)."""
+    (cm,) = [o for o in of_kind(target, "ConfigMap") if o["metadata"]["name"].startswith(f"{role}-config-")]
     return cm
 
 
@@ -144,7 +145,7 @@ def effective_config(target: str, role: str):
         assert mounted.parent == PurePosixPath(CONFIG_DIR), mounted
         path = Path(_tmp_dir()) / target.replace("/", "-") / mounted.name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(config_map(target)["data"][mounted.name])
+        path.write_text(config_map(target, role)["data"][mounted.name])
         local.append(path)
     args.config = local
     return config_from_args(config_type(role), args)
@@ -307,12 +308,20 @@ def test_each_container_command_parses_with_the_real_cli(target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_the_configmap_holds_one_config_per_role_mounted_at_etc_rlhf(target):
-    cm = config_map(target)
-    add_ons = {"tls.yaml", "tls-orchestrator.yaml"} if target in TLS_TARGETS else set()
-    assert set(cm["data"]) == {f"{role}.yaml" for role in ROLES} | add_ons
+def test_each_role_mounts_its_own_configmap_at_etc_rlhf(target):
+    """One ConfigMap per role, holding its config (and the TLS add-on under TLS) and mounted by that role alone: a
+    change to one role's config changes one hashed name, so only that role's pods roll."""
+    mounted_by: dict[str, set[str]] = {}
+    for workload in workloads(target):
+        for volume in pod_spec(workload).get("volumes", []):
+            if "configMap" in volume:
+                mounted_by.setdefault(volume["configMap"]["name"], set()).add(workload["metadata"]["name"])
     for role in ROLES:
-        assert {p.name for p in config_paths(container(target, role))} <= set(cm["data"]), role
+        cm = config_map(target, role)
+        add_on = {"orchestrator": {"tls-orchestrator.yaml"}}.get(role, {"tls.yaml"}) if target in TLS_TARGETS else set()
+        assert set(cm["data"]) == {f"{role}.yaml"} | add_on, role
+        assert {p.name for p in config_paths(container(target, role))} == set(cm["data"]), role
+        assert mounted_by[cm["metadata"]["name"]] <= {role, f"{role}-workers"}, role
         spec = pod_spec(find(target, "Deployment", role))
         volumes = {v["name"]: v for v in spec["volumes"]}
         (mount,) = [m for m in container(target, role)["volumeMounts"] if m["mountPath"] == CONFIG_DIR]
@@ -325,7 +334,7 @@ def test_each_config_in_the_configmap_loads_with_its_role_config_type(target, ro
     paths = []
     for mounted in config_paths(container(target, role)):  # the role's file, then any add-on merged over it
         path = tmp_path / mounted.name
-        path.write_text(config_map(target)["data"][mounted.name])
+        path.write_text(config_map(target, role)["data"][mounted.name])
         paths.append(path)
     config = load_config(config_type(role), paths)  # every key a real field (StrictModel forbids the rest)
     effective = effective_config(target, role)

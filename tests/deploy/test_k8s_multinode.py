@@ -84,7 +84,7 @@ def test_torchrun_runs_the_trainer_with_its_config_from_the_configmap(tmp_path):
     (path,) = args.config
     assert str(path) == f"{CONFIG_DIR}/trainer.yaml"
     local = tmp_path / "trainer.yaml"
-    local.write_text(config_map(TARGET)["data"]["trainer.yaml"])
+    local.write_text(config_map(TARGET, "trainer")["data"]["trainer.yaml"])
     args.config = [local]
     config = config_from_args(TrainerConfig, args)
     assert config.policy.device == "cuda"
@@ -111,7 +111,9 @@ def test_only_rank_0_serves_and_the_rendezvous_reaches_it_before_it_is_ready():
     (worker,) = pod_spec(workers)["containers"]
     assert not any(kind in worker for kind in ("startupProbe", "readinessProbe", "livenessProbe", "ports"))
     # The orchestrator still dials the trainer Service.
-    orchestrator = OrchestratorConfig.model_validate(yaml.safe_load(config_map(TARGET)["data"]["orchestrator.yaml"]))
+    orchestrator = OrchestratorConfig.model_validate(
+        yaml.safe_load(config_map(TARGET, "orchestrator")["data"]["orchestrator.yaml"])
+    )
     assert orchestrator.peers.trainer.split(":")[0].split(".")[0] == "trainer"
 
 
@@ -126,7 +128,7 @@ def test_every_rank_mounts_the_shared_checkpoints_and_the_same_config_and_token(
         by_path = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
         assert by_path["/checkpoints"]["persistentVolumeClaim"]["claimName"] == "trainer-checkpoints"
         assert by_path["/dev/shm"]["emptyDir"]["medium"] == "Memory"  # NCCL between the GPUs of a node
-        assert by_path[CONFIG_DIR]["configMap"]["name"] == config_map(TARGET)["metadata"]["name"]
+        assert by_path[CONFIG_DIR]["configMap"]["name"] == config_map(TARGET, "trainer")["metadata"]["name"]
         mounts[workload["kind"]] = by_path["/run/secrets/rlhf"]["secret"]
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"]["readOnlyRootFilesystem"] is True

@@ -9,12 +9,14 @@ list and watch requests it makes in the API's wire format (JSON lists, chunked s
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import grpc
 import pytest
 from kubernetes.config import ConfigException
 
+from services.orchestrator import replicas
 from services.orchestrator.config import GenerationDiscovery, RpcConfig
 from services.orchestrator.metrics import GENERATION_REPLICAS
 from services.orchestrator.replicas import KubernetesReplicas, ReplicaPool
@@ -141,3 +143,29 @@ def test_outside_a_cluster_the_in_cluster_config_fails_at_once(monkeypatch):
 
     with pytest.raises(ConfigException):
         asyncio.run(start())
+
+
+async def test_an_empty_namespace_is_the_orchestrators_own(api, tmp_path, monkeypatch):
+    """Without generation_discovery.namespace the Service is looked for where the orchestrator runs: its kubeconfig
+    context's namespace here (a pod's service-account namespace in a cluster, below), so the manifests need no
+    namespace written into the orchestrator's config."""
+    kubeconfig = api.write_kubeconfig(tmp_path / "in-namespace.kubeconfig")
+    config = json.loads(kubeconfig.read_text())
+    config["contexts"][0]["context"]["namespace"] = "ml-team"
+    kubeconfig.write_text(json.dumps(config))
+    api.apply(generation_slice("generation-a", [("10.0.0.1", True)]))
+    pool = kubernetes_pool(api, tmp_path, namespace="", kubeconfig=str(kubeconfig))
+    pool.start()
+    try:
+        await until(lambda: api.requests)
+    finally:
+        await pool.close()
+    assert {r["path"] for r in api.requests} == {"/apis/discovery.k8s.io/v1/namespaces/ml-team/endpointslices"}
+
+    in_pod = tmp_path / "namespace"
+    in_pod.write_text("team-b\n")
+    monkeypatch.setattr(replicas, "SERVICE_ACCOUNT_NAMESPACE", in_pod)
+    assert KubernetesReplicas(GenerationDiscovery(mode="kubernetes", service="generation"))._namespace() == "team-b"
+    monkeypatch.setattr(replicas, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "missing")
+    with pytest.raises(RuntimeError, match="namespace is empty"):
+        KubernetesReplicas(GenerationDiscovery(mode="kubernetes", service="generation"))._namespace()
