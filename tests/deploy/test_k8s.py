@@ -508,6 +508,51 @@ def test_trainer_is_recreated_with_a_checkpoint_volume(target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_gpu_deployments_roll_without_a_spare_gpu(target):
+    """A rolling update replaces a model pod before it adds one (maxSurge 0): on a cluster with no spare GPU a surge
+    pod would stay Pending and the rollout stall half-way. The trainer and the orchestrator are recreated."""
+    for role in ("generation", "reward", "reference"):
+        strategy = find(target, "Deployment", role)["spec"]["strategy"]
+        assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}, role
+    for role in ("trainer", "orchestrator"):
+        assert find(target, "Deployment", role)["spec"]["strategy"] == {"type": "Recreate"}, role
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_trainer_and_orchestrator_survive_drains_and_memory_pressure(target):
+    """No voluntary eviction (a PodDisruptionBudget of 0 that still lets an unready pod go), and memory requests
+    equal to the limits, so node memory pressure evicts them last."""
+    for role in ("trainer", "orchestrator"):
+        budget = find(target, "PodDisruptionBudget", role)
+        assert budget["spec"]["maxUnavailable"] == 0 and budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        assert selects(
+            budget["spec"]["selector"]["matchLabels"],
+            find(target, "Deployment", role)["spec"]["template"]["metadata"]["labels"],
+        )
+        resources = container(target, role)["resources"]
+        assert resources["requests"]["memory"] == resources["limits"]["memory"], role
+        if target != "overlays/cpu":  # a laptop's cluster keeps CPU requests small
+            assert resources["requests"] == resources["limits"], role  # QoS Guaranteed
+
+
+# A full checkpoint at GPU scale (one-process format: float32 weights + AdamW moments, 12 bytes per parameter) of an
+# 8B policy and an 8B critic, written at a network volume's 250 MB/s.
+CHECKPOINT_SECONDS_AT_SCALE = 2 * 8e9 * 12 / 250e6
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_trainer_has_time_to_finish_a_checkpoint_when_stopped_and_to_load_one_when_started(target):
+    server = effective_config(target, "trainer").server
+    spec = pod_spec(find(target, "Deployment", "trainer"))
+    pause = container(target, "trainer")["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert spec["terminationGracePeriodSeconds"] > server.grace_seconds + pause
+    if gpu_limits(target):  # a GPU set-up: sized for a checkpoint at scale
+        assert server.grace_seconds >= CHECKPOINT_SECONDS_AT_SCALE
+        probe = container(target, "trainer")["startupProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= CHECKPOINT_SECONDS_AT_SCALE
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_reward_autoscaled_on_cpu_with_a_disruption_budget(target):
     deployment = find(target, "Deployment", "reward")
     assert "replicas" not in deployment["spec"]  # the HPA owns the count; apply must not reset it
