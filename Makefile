@@ -95,27 +95,36 @@ format: $(VENV_STAMP)
 	.venv/bin/ruff check --fix .
 	.venv/bin/ruff format .
 
-# Apply the Kubernetes manifests (kustomize overlay: cpu, gpu or gpu-tls) to the cluster of the current kubectl
-# context. First the namespace, and the Secret rlhf-tokens with a random token per role if it does not exist yet: it
-# is not in the kustomization, so an apply never replaces it (deploy/README.md#tokens: read, rotate). The tokens go
-# from a private temporary directory straight into `kubectl create`: never on a command line, never in git.
-KUBECTL ?= .venv/bin/kubectl
+# Apply the Kubernetes manifests to the cluster of the current kubectl context: an overlay (OVERLAY=cpu, gpu, gpu-tls,
+# trainer-multinode) or a kustomization directory of yours (DEPLOY_DIR=path, e.g. a copy of deploy/k8s/examples/managed-
+# cluster). Needs kubectl only: no Python environment. The build is made once; its Namespace is applied first, then
+# the Secret rlhf-tokens is created in it with a random token per role if it does not exist yet (it is not in the
+# kustomization, so an apply never replaces it: deploy/README.md#tokens), then everything else. The tokens go from a
+# private temporary directory straight into `kubectl create`: never on a command line, never in git.
+KUBECTL ?= $(shell command -v kubectl 2>/dev/null || echo .venv/bin/kubectl)
+OVERLAY ?= gpu
+DEPLOY_DIR ?= deploy/k8s/overlays/$(OVERLAY)
 TOKEN_ROLES := generation reward reference trainer orchestrator
-deploy: $(VENV_STAMP)
-	$(KUBECTL) apply -f deploy/k8s/base/namespace.yaml
+deploy:
 	@set -euo pipefail; \
-	existing=$$($(KUBECTL) -n rlhf get secret rlhf-tokens --ignore-not-found -o name); \
-	if [ -n "$$existing" ]; then \
-		echo "secret rlhf-tokens exists: kept"; \
+	command -v $(KUBECTL) >/dev/null 2>&1 || { echo "make deploy needs kubectl: on PATH, or KUBECTL=/path/to/kubectl" >&2; exit 2; }; \
+	umask 077; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	$(KUBECTL) kustomize $(DEPLOY_DIR) > "$$work/built.yaml"; \
+	awk 'BEGIN { RS = "\n---\n" } /(^|\n)kind: Namespace\n/ { print }' "$$work/built.yaml" > "$$work/namespace.yaml"; \
+	ns=$$(awk '/^  name: / { print $$2; exit }' "$$work/namespace.yaml"); \
+	[ -n "$$ns" ] || { echo "$(DEPLOY_DIR) builds no Namespace" >&2; exit 2; }; \
+	$(KUBECTL) apply -f "$$work/namespace.yaml"; \
+	if [ -n "$$($(KUBECTL) -n "$$ns" get secret rlhf-tokens --ignore-not-found -o name)" ]; then \
+		echo "secret rlhf-tokens exists in namespace $$ns: kept"; \
 	else \
-		umask 077; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+		mkdir "$$work/tokens"; \
 		for role in $(TOKEN_ROLES); do \
-			$(PY) -c 'import secrets; print(secrets.token_hex(32))' > "$$dir/$$role"; \
+			od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$$work/tokens/$$role"; \
 		done; \
-		$(KUBECTL) -n rlhf create secret generic rlhf-tokens --from-file="$$dir"; \
-		$(KUBECTL) -n rlhf label secret rlhf-tokens app.kubernetes.io/part-of=rlhf; \
-	fi
-	$(KUBECTL) apply -k deploy/k8s/overlays/$(OVERLAY)
+		$(KUBECTL) -n "$$ns" create secret generic rlhf-tokens --from-file="$$work/tokens"; \
+		$(KUBECTL) -n "$$ns" label secret rlhf-tokens app.kubernetes.io/part-of=rlhf; \
+	fi; \
+	$(KUBECTL) apply -f "$$work/built.yaml"
 
 # Re-pin the lock file from the current venv (after changing what is installed); setuptools included, since
 # builds (the images, the editable install) need a recent one. The packages of requirements-real.txt stay out: they

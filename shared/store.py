@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 import redis
 from prometheus_client import Gauge
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.exceptions import AuthenticationError, AuthorizationError
@@ -61,6 +61,33 @@ class StoreConfig(StrictModel):
         300.0, gt=0, description="how long a call waits for an unreachable Redis (restarting) before failing, seconds"
     )
     key_prefix: str = Field("rlhf", min_length=1, description="Redis: namespace of the store's keys")
+    url_file: str = Field(
+        "",
+        description="a file holding the URL (a mounted Secret, so that a Redis password stays out of the config); "
+        "read when the store opens, instead of url",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.url_file and self.url:
+            raise ValueError("url and url_file are exclusive: the URL comes from one of them")
+        return self
+
+    def resolved_url(self) -> str:
+        """``url``, or the content of ``url_file`` checked as ``url`` is (ValueError naming the file, never the
+        URL: it may hold a password)."""
+        if not self.url_file:
+            return self.url
+        try:
+            url = Path(self.url_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"store.url_file: cannot read {self.url_file} ({exc.strerror})") from None
+        if not url:
+            raise ValueError(f"store.url_file: {self.url_file} is empty")
+        try:
+            return self._known_scheme(url)
+        except ValueError as exc:
+            raise ValueError(f"store.url_file {self.url_file}: {exc}") from None
 
     @field_validator("url")
     @classmethod
@@ -453,9 +480,10 @@ class RedisStore(Store):
 
 
 def open_store(config: StoreConfig, runs_dir: str | Path) -> Store:
-    """The store ``config.url`` names; '' is the SQLite file ``<runs_dir>/state.sqlite3``."""
-    if config.url == "":
+    """The store ``config.url`` (or ``url_file``) names; '' is the SQLite file ``<runs_dir>/state.sqlite3``."""
+    url = config.resolved_url()
+    if url == "":
         return SqliteStore(Path(runs_dir) / "state.sqlite3")
-    if config.url.startswith(SQLITE_PREFIX):
-        return SqliteStore(config.url.removeprefix(SQLITE_PREFIX))
-    return RedisStore(config.url, config.outage_budget_s, config.key_prefix)
+    if url.startswith(SQLITE_PREFIX):
+        return SqliteStore(url.removeprefix(SQLITE_PREFIX))
+    return RedisStore(url, config.outage_budget_s, config.key_prefix)

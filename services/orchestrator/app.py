@@ -1,4 +1,5 @@
-"""The control API (FastAPI): start a run, read its status and per-iteration stats, stop it; /metrics; /healthz.
+"""The control API (FastAPI): start a run, read its status and per-iteration stats, stop it; /metrics; /healthz
+(liveness); /readyz (503 while an active run makes no progress).
 
 One run at a time: the orchestrator owns the services' state (the trainer's policy) while a run is active. Runs
 are kept in the store (``shared.store``), so they outlive the orchestrator's process.
@@ -62,6 +63,10 @@ class Run:
         self.config = config
         self.loop: RLHFLoop | None = None
         self.task: asyncio.Task | None = None
+        self.taken_up = time.time()  # when this process started or resumed it: its progress clock until a loop runs
+
+    def seconds_since_progress(self, now: float) -> float:
+        return now - (self.loop.progressed_at if self.loop is not None else self.taken_up)
 
     @property
     def state(self) -> RunState:
@@ -241,7 +246,27 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> dict:
+        """Liveness: the process answers."""
         return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "an active run is stalled; `reason` says which and why"}})
+    async def readyz(response: Response) -> dict:
+        """Readiness: 503 while an active run has completed no iteration for ``api.stall_limit_s``, else 200."""
+        now, limit = time.time(), config.api.stall_limit_s
+        reasons = []
+        for run in runs.values():
+            stalled_for = run.seconds_since_progress(now)
+            if run.state in ACTIVE and stalled_for > limit:
+                waits = sorted(waiting_for())
+                reasons.append(
+                    f"run {run.run_id} ({run.state.value}, {run.document.doc.get('iteration', 0)} iterations done) "
+                    f"has completed no iteration for {stalled_for:.0f}s (api.stall_limit_s {limit:g})"
+                    + (f", waiting for {', '.join(waits)}" if waits else "")
+                )
+        if reasons:
+            response.status_code = 503
+            return {"status": "stalled", "reason": "; ".join(reasons)}
+        return {"status": "ready"}
 
     @app.post("/runs", status_code=201, dependencies=protected)
     async def create_run(run_config: RunConfig | None = None) -> RunStatus:

@@ -136,6 +136,9 @@ class ApiConfig(StrictModel):
     runs_root: str = Field(
         "", description="a POST /runs body's runs_dir is a relative path under this directory; empty = run.runs_dir"
     )
+    stall_limit_s: float = Field(
+        900.0, gt=0, description="GET /readyz answers 503 while an active run has completed no iteration for this long"
+    )
 
 
 class OrchestratorConfig(StrictModel):

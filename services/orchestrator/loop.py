@@ -135,6 +135,7 @@ class RLHFLoop:
         self.clients = clients
         self.on_iteration = on_iteration
         self.records: list[IterationRecord] = []
+        self.progressed_at = time.time()  # Unix time of the last completed iteration (the loop's start before one)
         self.stop_requested = False
         self.run_dir = Path(config.runs_dir) / run_id
         self.cursor = PromptCursor(load_prompts(config.dataset), config.seed)
@@ -154,6 +155,7 @@ class RLHFLoop:
         summary.json; returns it."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics.REPLAYED_ITERATIONS.labels(self.run_id)  # the series exists (at 0) from the start
+        metrics.LAST_PROGRESS.labels(self.run_id).set(self.progressed_at)
         await self._restore()
         s = self.config.sampling
         if s.top_p < 1 or s.top_k > 0:
@@ -462,7 +464,9 @@ class RLHFLoop:
 
     def _publish(self, record: IterationRecord) -> None:
         labels = (self.run_id,)
+        self.progressed_at = time.time()
         metrics.ITERATION.labels(*labels).set(record.iteration)
+        metrics.LAST_PROGRESS.labels(*labels).set(self.progressed_at)
         metrics.SAMPLES.labels(*labels).inc(record.samples)
         metrics.REWARD_MEAN.labels(*labels).set(record.reward_mean)
         metrics.REWARD_STD.labels(*labels).set(record.reward_std)

@@ -7,6 +7,12 @@ import contextlib
 from prometheus_client import Counter, Gauge, Histogram
 
 ITERATION = Gauge("rlhf_iteration", "Iterations completed in the current run.", ["run_id"])
+# For "no progress" alerts and GET /readyz: time() minus it is how long the run has gone without an iteration.
+LAST_PROGRESS = Gauge(
+    "rlhf_last_progress_timestamp_seconds",
+    "Unix time the run last completed an iteration (the loop's start until one completes), seconds.",
+    ["run_id"],
+)
 SAMPLES = Counter("rlhf_samples_total", "Samples generated and trained on.", ["run_id"])
 REWARD_MEAN = Gauge("rlhf_reward_mean", "Mean score of the last iteration's samples.", ["run_id"])
 REWARD_STD = Gauge("rlhf_reward_std", "Standard deviation of the scores of the last iteration's samples.", ["run_id"])

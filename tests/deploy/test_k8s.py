@@ -416,8 +416,11 @@ def test_orchestrator_ports_probes_and_peers_agree_with_the_configs():
         # API must not require one, its token guards it).
         scheme = {"scheme": "HTTPS"} if target in TLS_TARGETS else {}
         assert bool(config.auth.tls.cert_file) == bool(scheme) and not config.auth.tls.mutual
-        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for kind in ("startupProbe", "livenessProbe"):
             assert c[kind]["httpGet"] == {"path": "/healthz", "port": config.api.port, **scheme}, kind
+        # Readiness reflects a stalled run (GET /readyz); the Service keeps the not-ready pod reachable.
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": config.api.port, **scheme}
+        assert find(target, "Service", "orchestrator")["spec"]["publishNotReadyAddresses"] is True
 
         # Peers: the Services' short names (resolved in the pod's own namespace, whichever it is built into) and the
         # roles' gRPC ports; the generation Service's EndpointSlices watched in the orchestrator's own namespace.
@@ -806,28 +809,33 @@ def test_the_example_token_secret_is_refused_by_the_services_and_in_no_kustomiza
 
 # A stand-in for kubectl (no cluster here): records each call; `get secret` answers from $STATE/exists; `create
 # secret generic --from-file=DIR` keeps a copy of DIR as $STATE/created.
+# A stand-in for kubectl (no cluster here): records each call; `kustomize` runs the real one; `get secret` answers
+# from $STATE/exists; `create secret` copies its --from-file directory aside (it is deleted after the target); `apply
+# -f` keeps what it was given.
 FAKE_KUBECTL = """#!/bin/sh
 echo "$*" >> "$STATE/calls"
 case "$*" in
+  kustomize*) exec "$REAL_KUBECTL" "$@" ;;
   *"get secret rlhf-tokens"*) if [ -f "$STATE/exists" ]; then echo secret/rlhf-tokens; fi ;;
   *"create secret generic rlhf-tokens"*)
     for arg in "$@"; do
       case "$arg" in --from-file=*) cp -r "${arg#--from-file=}" "$STATE/created" ;; esac
     done
     touch "$STATE/exists" ;;
+  "apply -f "*) cat "$3" >> "$STATE/applied" ; echo "---" >> "$STATE/applied" ;;
 esac
 """
 
 
-def make_deploy(state: Path, overlay: str) -> str:
+def make_deploy(state: Path, *assignments: str) -> str:
+    """``make deploy`` with only the stand-in kubectl: PATH holds no venv, and the venv is never built (``-o``)."""
     kubectl = state / "kubectl"
     kubectl.write_text(FAKE_KUBECTL)
     kubectl.chmod(0o755)
     result = subprocess.run(
-        # -o: the venv is there; never rebuild it from a test
-        ["make", "-s", "-o", ".venv/.installed", "deploy", f"KUBECTL={kubectl}", f"OVERLAY={overlay}"],
+        ["make", "-s", "-o", ".venv/.installed", "deploy", f"KUBECTL={kubectl}", *assignments],
         cwd=REPO,
-        env={**os.environ, "STATE": str(state)},
+        env={"PATH": "/usr/bin:/bin", "STATE": str(state), "REAL_KUBECTL": str(BIN / "kubectl")},
         capture_output=True,
         text=True,
         timeout=120,
@@ -837,12 +845,18 @@ def make_deploy(state: Path, overlay: str) -> str:
 
 
 def test_make_deploy_creates_random_tokens_once_and_never_shows_them(tmp_path):
-    output = make_deploy(tmp_path, "gpu-tls")
+    output = make_deploy(tmp_path, "OVERLAY=gpu-tls")
     calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == "kustomize deploy/k8s/overlays/gpu-tls"  # built once
+    # The namespace first (the Secret lives in it), alone; the pods start with the Secret already there.
+    assert calls[1].startswith("apply -f ") and calls[1].endswith("/namespace.yaml")
+    applied = [d for d in yaml.safe_load_all((tmp_path / "applied").read_text()) if d]
+    assert [d["kind"] for d in applied[:1]] == ["Namespace"] and applied[0]["metadata"]["name"] == NAMESPACE
+    assert applied[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     create = next(i for i, call in enumerate(calls) if call.startswith("-n rlhf create secret generic rlhf-tokens"))
-    assert calls[0] == "apply -f deploy/k8s/base/namespace.yaml"  # the namespace first: the Secret lives in it
-    assert calls[1].startswith("-n rlhf get secret rlhf-tokens") and create == 2
-    assert calls[-1] == "apply -k deploy/k8s/overlays/gpu-tls"  # the pods start with the Secret already there
+    assert calls[2].startswith("-n rlhf get secret rlhf-tokens") and create == 3
+    assert calls[-1].startswith("apply -f ") and calls[-1].endswith("/built.yaml")
+    assert applied[1:] == list(objects("overlays/gpu-tls"))  # the whole build, as `kubectl kustomize` makes it
     created = tmp_path / "created"
     tokens = {path.name: read_tokens(str(path)) for path in created.iterdir()}  # each one the services accept
     assert set(tokens) == set(AUTH_ROLES)
@@ -855,10 +869,32 @@ def test_make_deploy_creates_random_tokens_once_and_never_shows_them(tmp_path):
 
     # Run again: the Secret exists, and is kept (never replaced by an apply).
     shutil.rmtree(created)
-    output = make_deploy(tmp_path, "cpu")
+    output = make_deploy(tmp_path, "OVERLAY=cpu")
     calls = (tmp_path / "calls").read_text().splitlines()
     assert sum("create secret" in call for call in calls) == 1 and not created.exists()
-    assert "secret rlhf-tokens exists: kept" in output and calls[-1] == "apply -k deploy/k8s/overlays/cpu"
+    assert "secret rlhf-tokens exists in namespace rlhf: kept" in output and calls[-1].endswith("/built.yaml")
+
+
+def test_make_deploy_applies_a_directory_of_yours_into_its_own_namespace(tmp_path):
+    """DEPLOY_DIR: the managed-cluster example, whose namespace is ml-rlhf: the Secret is created there."""
+    make_deploy(tmp_path, "DEPLOY_DIR=deploy/k8s/examples/managed-cluster")
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == "kustomize deploy/k8s/examples/managed-cluster"
+    assert any(call.startswith("-n ml-rlhf create secret generic rlhf-tokens") for call in calls)
+    applied = [d for d in yaml.safe_load_all((tmp_path / "applied").read_text()) if d]
+    assert applied[0]["kind"] == "Namespace" and applied[0]["metadata"]["name"] == "ml-rlhf"
+
+
+def test_make_deploy_without_kubectl_says_what_it_needs(tmp_path):
+    result = subprocess.run(
+        ["make", "-s", "-o", ".venv/.installed", "deploy", f"KUBECTL={tmp_path / 'missing'}"],
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "make deploy needs kubectl" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1031,7 +1067,7 @@ async def test_tls_probes_pass_against_servers_built_from_the_merged_configs(tmp
 
     # kubelet's HTTPS probe: no certificate check, no client certificate. The control API's TLS lets it in.
     app = FastAPI()
-    app.get("/healthz")(lambda: {"status": "ok"})
+    app.get("/readyz")(lambda: {"status": "ready"})
     probe = container(target, "orchestrator")["readinessProbe"]["httpGet"]
     http = HttpServer(app, "127.0.0.1", 0, ServerAuth.load(orchestrator, "127.0.0.1"))
     port = await http.start()

@@ -69,8 +69,13 @@ def test_each_role_gets_the_resources_and_each_claim_the_spec_of_its_values(targ
         assert find(target, "PersistentVolumeClaim", claim)["spec"] == values["storage"][key], claim
     (template,) = find(target, "StatefulSet", "redis")["spec"]["volumeClaimTemplates"]
     assert template["spec"] == values["storage"]["redis"]
-    for monitor in of_kind(target, "ServiceMonitor"):
+    for monitor in of_kind(target, "ServiceMonitor") + of_kind(target, "PrometheusRule"):
         assert monitor["metadata"]["labels"]["release"] == values["monitoring"]["release"]
+    (rules,) = of_kind(target, "PrometheusRule")
+    for group in rules["spec"]["groups"]:
+        for rule in group["rules"]:
+            expected = f"{values['monitoring']['runbookUrl']}#{rule['alert'].lower()}"
+            assert rule["annotations"]["runbook_url"] == expected, rule["alert"]
     assert all(o["kind"] != "RLHFValues" for o in workloads(target))
 
 

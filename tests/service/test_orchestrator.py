@@ -309,6 +309,7 @@ async def test_api_token_guards_the_runs_but_not_health_or_metrics(clients_facto
     transport = httpx.ASGITransport(app=create_app(config, clients_factory))
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
         assert (await client.get("/metrics")).status_code == 200
         assert (await client.get("/runs")).status_code == 401
         wrong = await client.get("/runs", headers={"Authorization": "Bearer nope"})

@@ -395,3 +395,26 @@ def test_open_store(tmp_path, redis_server):
     remote.put_run("r", {"ok": True})
     assert remote.list_runs() == [{"ok": True}]
     remote.close()
+
+
+def test_the_store_url_from_a_file_keeps_a_password_out_of_the_config(tmp_path, redis_server):
+    """store.url_file: the URL read from a mounted Secret when the store opens; errors name the file, never the
+    URL (it may hold a password)."""
+    secret = tmp_path / "url"
+    secret.write_text(redis_server.url + "\n")
+    remote = open_store(StoreConfig(url_file=str(secret), key_prefix="f"), tmp_path / "runs")
+    assert isinstance(remote, RedisStore)
+    remote.put_run("r", {"ok": True})
+    assert remote.list_runs() == [{"ok": True}]
+    remote.close()
+    with pytest.raises(ConfigError, match="exclusive"):
+        load_config(Holder, overrides={"store.url": redis_server.url, "store.url_file": str(secret)})
+    secret.write_text("postgres://user:hunter2@db/runs")
+    with pytest.raises(ValueError, match=r"store.url_file .*unsupported scheme 'postgres'") as refused:
+        open_store(StoreConfig(url_file=str(secret)), tmp_path / "runs")
+    assert "hunter2" not in str(refused.value)
+    secret.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        open_store(StoreConfig(url_file=str(secret)), tmp_path / "runs")
+    with pytest.raises(ValueError, match="cannot read"):
+        open_store(StoreConfig(url_file=str(tmp_path / "missing")), tmp_path / "runs")
