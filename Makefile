@@ -7,7 +7,8 @@ GEN_STAMP := shared/proto/rlhf/v1/.stamp
 VENV_STAMP := .venv/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all venv proto system-deps demo demo-real demo-ppo iterate test bench chaos lint format lock clean deploy
+.PHONY: all venv venv-checkov proto system-deps demo demo-real demo-ppo iterate test scan bench chaos lint format lock \
+	lock-checkov clean deploy
 OVERLAY ?= cpu
 
 all: test
@@ -23,6 +24,17 @@ $(VENV_STAMP): requirements.lock requirements-real.txt pyproject.toml
 	touch $@
 
 venv: $(VENV_STAMP)
+
+# checkov (the security scan of the manifests and Dockerfiles) in a venv of its own: its requirements (networkx < 2.7,
+# packaging < 24, an exact boto3) clash with requirements.lock. The version is requirements-checkov.txt's; what it
+# pulls in is pinned by requirements-checkov.lock (`make lock-checkov` re-pins). About 30 s.
+CHECKOV_STAMP := .venv-checkov/.installed
+$(CHECKOV_STAMP): requirements-checkov.txt requirements-checkov.lock
+	test -x .venv-checkov/bin/python || python3 -m venv .venv-checkov
+	.venv-checkov/bin/pip install -q --disable-pip-version-check -c requirements-checkov.lock -r requirements-checkov.txt
+	touch $@
+
+venv-checkov: $(CHECKOV_STAMP)
 
 # Generated code is built, not committed; imports are rewritten to live under shared.proto.
 $(GEN_STAMP): $(PROTOS) $(VENV_STAMP)
@@ -68,8 +80,13 @@ demo-real: $(GEN_STAMP)
 demo-ppo: $(GEN_STAMP)
 	$(PY) -m services.demo
 
-test: $(GEN_STAMP) system-deps
+test: $(GEN_STAMP) system-deps $(CHECKOV_STAMP)
 	$(PY) -m pytest -q
+
+# The security scan alone: checkov on every kustomize target the project ships and on the three Dockerfiles; every
+# finding is fixed or suppressed in place, with its reason (tests/deploy/test_security_scan.py).
+scan: $(GEN_STAMP) $(CHECKOV_STAMP)
+	$(PY) -m pytest -q tests/deploy/test_security_scan.py
 
 # Figures side by side with a baseline measured in the same run: the RL loop against TRL's PPOTrainer (trl 1.12, a
 # bench-only package from requirements-bench.txt), the advantage estimators, the asynchronous loop, weight sync
@@ -102,7 +119,6 @@ format: $(VENV_STAMP)
 # kustomization, so an apply never replaces it: deploy/README.md#tokens), then everything else. The tokens go from a
 # private temporary directory straight into `kubectl create`: never on a command line, never in git.
 KUBECTL ?= $(shell command -v kubectl 2>/dev/null || echo .venv/bin/kubectl)
-OVERLAY ?= gpu
 DEPLOY_DIR ?= deploy/k8s/overlays/$(OVERLAY)
 TOKEN_ROLES := generation reward reference trainer orchestrator
 deploy:
@@ -134,6 +150,14 @@ lock:
 	(echo "# Pinned by 'make lock'. torch is installed first from its CPU wheel (see Makefile)."; \
 	 echo "torch==2.13.0"; $(PIP) freeze --all --exclude-editable | grep -i -v -e '^torch==' -e '^pip==' $(REAL_PACKAGES)) \
 	 > requirements.lock
+
+# Re-pin checkov's lock: a fresh venv from requirements-checkov.txt alone (after changing checkov's version there).
+lock-checkov:
+	rm -rf .venv-checkov && python3 -m venv .venv-checkov
+	.venv-checkov/bin/pip install -q --disable-pip-version-check -r requirements-checkov.txt
+	(echo "# Pinned by 'make lock-checkov': what checkov (requirements-checkov.txt) installs, for .venv-checkov only."; \
+	 .venv-checkov/bin/pip freeze --exclude-editable) > requirements-checkov.lock
+	touch $(CHECKOV_STAMP)
 
 clean:
 	rm -rf shared/proto/rlhf build .pytest_cache

@@ -1,8 +1,9 @@
 """The ``rlhf`` command: ``rlhf serve generation|reward|reference|trainer``, ``rlhf orchestrator``,
-``rlhf train sft|reward|dpo``, ``rlhf pipeline``, ``rlhf iterate``, ``rlhf constitutional``, ``rlhf labeling`` and
-``rlhf pipeline-real``.
+``rlhf train sft|reward|dpo``, ``rlhf pipeline``, ``rlhf iterate``, ``rlhf constitutional``, ``rlhf labeling``,
+``rlhf pipeline-real`` and ``rlhf fetch-model``.
 
-Each takes ``--config FILE`` (YAML) and one flag per config field (``--server.port 50051``) overriding it.
+Each takes ``--config FILE`` (YAML) and one flag per config field (``--server.port 50051``) overriding it, except
+``fetch-model``, a one-shot copy with flags of its own.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -125,6 +127,20 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         from services.pipeline.real_config import RealPipelineConfig
 
         add_config_flags(real, RealPipelineConfig)
+    fetch = commands.add_parser(
+        "fetch-model", help="put a model into a directory, whole or not at all: from the hub, an object store or a path"
+    )
+    fetch.add_argument(
+        "--source",
+        required=True,
+        help="hf://<repo_id>[@revision], an fsspec URL (s3://bucket/prefix: with its backend), file://... or a path",
+    )
+    fetch.add_argument("--dest", type=Path, required=True, help="the model directory to fill, e.g. /models/policy")
+    fetch.add_argument(
+        "--token-file", type=Path, default=None, help="the hub token (default: HF_TOKEN, then HF_TOKEN_PATH's file)"
+    )
+    fetch.add_argument("--force", action="store_true", help="fetch even if the destination holds this source already")
+    fetch.add_argument("--log-level", default="INFO")
     return parser
 
 
@@ -210,6 +226,18 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging("pipeline-real", args.log_level)
             summary = run_real_pipeline(config)
             print(f"\nreport: {Path(config.runs_dir) / summary['run_id'] / 'report.md'}")
+        elif args.command == "fetch-model":
+            from services.model_fetch import FetchError, Source, SourceKind, fetch_model, resolve_token
+
+            setup_logging("fetch-model", args.log_level)
+            try:
+                source = Source.parse(args.source)
+                token = resolve_token(args.token_file) if source.kind is SourceKind.HUB else None
+                result = fetch_model(source, args.dest, token, args.force)
+            except FetchError as exc:  # a bad source, credentials, the network: the message says which
+                print(f"rlhf fetch-model: {exc}", file=sys.stderr)
+                return 2
+            print(json.dumps(dataclasses.asdict(result)))
         else:
             from services.orchestrator.app import run_orchestrator
 

@@ -40,6 +40,16 @@ class ServerConfig(StrictModel):
     reflection: bool = Field(True, description="serve gRPC server reflection (behind the token like every method)")
     max_message_bytes: int = Field(64 * MiB, ge=1024, description="largest gRPC message accepted or sent")
     grace_seconds: float = Field(10.0, ge=0, description="on SIGTERM, time for in-flight RPCs to finish")
+    max_connection_age_s: float | None = Field(
+        None,
+        gt=0,
+        description="close each client connection after this long (GOAWAY; RPCs in flight get "
+        "max_connection_age_grace_s to finish), so that clients balancing over a headless Service resolve its "
+        "name again and find pods added since; unset = connections live on",
+    )
+    max_connection_age_grace_s: float = Field(
+        300.0, gt=0, description="time an RPC in flight on a connection closed for its age has to finish"
+    )
 
 
 class BackendHolder:
@@ -99,11 +109,17 @@ class Server:
             await servicer.close()
 
 
-def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
+def grpc_options(max_message_bytes: int, config: ServerConfig | None = None) -> list[tuple[str, int]]:
+    options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    if config is not None and config.max_connection_age_s is not None:
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000)),
+        ]
+    return options
 
 
 async def build_grpc_server(
@@ -119,7 +135,7 @@ async def build_grpc_server(
     service_names = tuple(name for _, _, name in servicers)
     server_auth = ServerAuth.load(auth or AuthConfig(), config.host, "gRPC server")
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(server_auth)], options=grpc_options(config.max_message_bytes)
+        interceptors=[ErrorInterceptor(server_auth)], options=grpc_options(config.max_message_bytes, config)
     )
     for servicer, add_to_server, _ in servicers:
         add_to_server(servicer, server)

@@ -206,6 +206,7 @@ def _channel(address: str, peers: PeersConfig, role: str, auth: ClientAuth | Non
     options = [
         ("grpc.max_send_message_length", peers.max_message_bytes),
         ("grpc.max_receive_message_length", peers.max_message_bytes),
+        ("grpc.lb_policy_name", peers.lb_policy),
     ]
     return (auth or ClientAuth()).open_channel(address, role, options)
 

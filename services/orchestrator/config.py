@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -48,6 +49,11 @@ class PeersConfig(StrictModel):
     reference: str = Field("", description="host:port of the reference service")
     trainer: str = Field("", description="host:port of the trainer service")
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="gRPC message limit on the channels")
+    lb_policy: Literal["round_robin", "pick_first"] = Field(
+        "round_robin",
+        description="gRPC load balancing over the addresses a peer's name resolves to: round_robin spreads the "
+        "calls over every pod behind a headless Service (dns:///reward-pods:50052); one address is one either way",
+    )
 
     @field_validator("generation", mode="before")
     @classmethod

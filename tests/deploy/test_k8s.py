@@ -104,6 +104,12 @@ def container(target: str, role: str) -> dict:
     return only
 
 
+def role_of(workload: str) -> str:
+    """The role a workload runs: its name, or the name it was copied from (reward-api: the public reward API of
+    components/public-reward-api; trainer-workers: the trainer's other ranks, overlays/trainer-multinode)."""
+    return workload.removesuffix("-api").removesuffix("-workers")
+
+
 def namespace_of(target: str) -> str:
     """The namespace a target builds into: the shipped overlays' ``rlhf``, or the one its kustomization names."""
     return NAMESPACES.get(target, NAMESPACE)
@@ -295,7 +301,10 @@ def test_every_object_is_labelled_and_in_the_namespace(target):
             for w in workloads(target)
             if selects(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
         ]
-        assert [w["metadata"]["name"] for w in pods] == [service["metadata"]["name"]]
+        # The Service of a workload is named after it; a second one (reward-pods: headless, for client-side
+        # balancing) after it with a suffix.
+        name = service["metadata"]["name"].removesuffix("-pods")
+        assert [w["metadata"]["name"] for w in pods] == [name], service["metadata"]["name"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,7 +321,7 @@ def test_each_container_command_parses_with_the_real_cli(target):
                 continue
             argv = argv_of(c)
             args = build_parser(argv).parse_args(argv)
-            role = workload["metadata"]["name"]
+            role = role_of(workload["metadata"]["name"])
             if role == "orchestrator":
                 assert args.command == "orchestrator" and not args.start
             else:
@@ -342,7 +351,7 @@ def test_each_role_mounts_its_own_configmap_at_etc_rlhf(target):
         add_on = {"orchestrator": {"tls-orchestrator.yaml"}}.get(role, {"tls.yaml"}) if target in TLS_TARGETS else set()
         assert set(cm["data"]) == {f"{role}.yaml"} | add_on, role
         assert {p.name for p in config_paths(container(target, role))} == set(cm["data"]), role
-        assert mounted_by[cm["metadata"]["name"]] <= {role, f"{role}-workers"}, role
+        assert {role_of(name) for name in mounted_by[cm["metadata"]["name"]]} == {role}, role
         spec = pod_spec(find(target, "Deployment", role))
         volumes = {v["name"]: v for v in spec["volumes"]}
         (mount,) = [m for m in container(target, role)["volumeMounts"] if m["mountPath"] == CONFIG_DIR]
@@ -425,10 +434,17 @@ def test_orchestrator_ports_probes_and_peers_agree_with_the_configs():
         # Peers: the Services' short names (resolved in the pod's own namespace, whichever it is built into) and the
         # roles' gRPC ports; the generation Service's EndpointSlices watched in the orchestrator's own namespace.
         peers = config.peers
-        for role in ("reward", "reference", "trainer"):
+        for role in ("reference", "trainer"):
             port = effective_config(target, role).server.port
             assert getattr(peers, role) == f"{role}:{port}"
             assert service_ports(find(target, "Service", role))["grpc"]["port"] == port
+        # reward: every pod, through the headless Service, balanced round robin by the orchestrator itself; the
+        # pods close connections after an age, so that the name is resolved again after a scale-out.
+        reward = effective_config(target, "reward").server
+        assert peers.reward == f"dns:///reward-pods:{reward.port}" and peers.lb_policy == "round_robin"
+        headless = find(target, "Service", "reward-pods")
+        assert headless["spec"]["clusterIP"] == "None" and service_ports(headless)["grpc"]["port"] == reward.port
+        assert reward.max_connection_age_s and reward.max_connection_age_grace_s > config.rpc.score_timeout_s
         generation_port = effective_config(target, "generation").server.port
         assert peers.generation == [f"generation:{generation_port}"]
         discovery = peers.model_dump()["generation_discovery"]
@@ -556,7 +572,9 @@ def test_the_trainer_has_time_to_finish_a_checkpoint_when_stopped_and_to_load_on
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_reward_autoscaled_on_cpu_with_a_disruption_budget(target):
+def test_reward_autoscaled_on_its_model_queue_and_cpu_with_a_disruption_budget(target):
+    from shared.metrics import QUEUE_DEPTH
+
     deployment = find(target, "Deployment", "reward")
     assert "replicas" not in deployment["spec"]  # the HPA owns the count; apply must not reset it
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -564,8 +582,12 @@ def test_reward_autoscaled_on_cpu_with_a_disruption_budget(target):
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "reward"}
     assert hpa["spec"]["minReplicas"] >= 1 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
+    queue, cpu = hpa["spec"]["metrics"]
+    # The service's own gauge of model calls waiting or running (what the adapter rule serves), for this role.
+    assert queue["type"] == "Pods" and queue["pods"]["metric"]["name"] == QUEUE_DEPTH._name
+    assert queue["pods"]["metric"]["selector"] == {"matchLabels": {"role": "reward"}}
+    assert queue["pods"]["target"]["type"] == "AverageValue"
+    assert cpu["resource"]["name"] == "cpu" and cpu["resource"]["target"]["type"] == "Utilization"
     assert container(target, "reward")["resources"]["requests"]["cpu"]  # utilisation is relative to it
     pdb = find(target, "PodDisruptionBudget", "reward")
     assert selects(pdb["spec"]["selector"]["matchLabels"], labels)
@@ -668,9 +690,12 @@ def test_network_policies_deny_by_default_and_allow_only_the_calls_the_loop_make
         name = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
         by_pod.setdefault(name, set()).update(allowed(policy))
     scrapes = f"ns:{monitoring_namespace(target)}"  # the values' monitoring namespace
-    assert by_pod == {
-        pod: {(scrapes if s == "ns:monitoring" else s, p) for s, p in e} for pod, e in EXPECTED_INGRESS.items()
-    }
+    expected = {pod: {(scrapes if s == "ns:monitoring" else s, p) for s, p in e} for pod, e in EXPECTED_INGRESS.items()}
+    if "reward-api" in by_pod:  # components/public-reward-api: the public API apart, training's reward closed
+        public = {pair for pair in expected["reward"] if pair[0] == "anywhere"}
+        expected["reward-api"] = public | {(scrapes, "metrics")}
+        expected["reward"] -= public
+    assert by_pod == expected
 
     # Named ports are the selected pods' container port names, and the pod labels the policies select exist.
     pods = {w["metadata"]["name"]: w for w in workloads(target)}
@@ -1077,3 +1102,54 @@ async def test_tls_probes_pass_against_servers_built_from_the_merged_configs(tmp
         assert answer.status_code == 200
     finally:
         await http.stop()
+
+
+def test_the_prometheus_adapter_example_serves_the_metric_the_reward_autoscaler_reads(tmp_path):
+    """The custom metrics API's rule for the queue gauge: the HPA's Pods metric, by pod and namespace (the labels a
+    ServiceMonitor target carries), smoothed; and that PromQL, its template filled in as the adapter does, parses."""
+    from shared.metrics import QUEUE_DEPTH
+
+    values = yaml.safe_load((EXAMPLES / "prometheus-adapter.values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    (queue, _) = find("base", "HorizontalPodAutoscaler", "reward")["spec"]["metrics"]
+    name = queue["pods"]["metric"]["name"]
+    assert name == QUEUE_DEPTH._name == rule["name"]["as"] and rule["seriesQuery"].startswith(f"{name}{{")
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    query = rule["metricsQuery"].replace("<<.Series>>", name)
+    query = query.replace("<<.LabelMatchers>>", 'namespace="rlhf",pod=~"reward-.*",role="reward"')
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed (`make system-deps`: Debian package prometheus)"
+    rules = tmp_path / "rules.yaml"  # promtool parses a rule file's expressions
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": [{"record": "q", "expr": query}]}]}))
+    parsed = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=30)
+    assert parsed.returncode == 0, parsed.stdout + parsed.stderr
+
+
+def test_the_public_reward_api_runs_on_pods_of_its_own():
+    """components/public-reward-api (in the managed-cluster example): the reward service a second time, its pods
+    selected by its own Service, autoscaler and budget only, never by the Services the training loop dials."""
+    target = "examples/managed-cluster"
+    training, public = find(target, "Deployment", "reward"), find(target, "Deployment", "reward-api")
+    (a,), (b,) = pod_spec(training)["containers"], pod_spec(public)["containers"]
+    assert (a["image"], a["command"], a["args"], a["resources"]) == (
+        b["image"],
+        b["command"],
+        b["args"],
+        b["resources"],
+    )
+    for field in ("nodeSelector", "tolerations", "runtimeClassName", "imagePullSecrets"):
+        assert pod_spec(training)[field] == pod_spec(public)[field], field
+    pods = {
+        name: find(target, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        for name in ("reward", "reward-api")
+    }
+    for service, expected in (("reward", "reward"), ("reward-pods", "reward"), ("reward-api", "reward-api")):
+        selector = find(target, "Service", service)["spec"]["selector"]
+        assert [name for name, labels in pods.items() if selects(selector, labels)] == [expected], service
+    assert set(service_ports(find(target, "Service", "reward-api"))) == {"grpc", "http", "metrics"}
+    hpa = find(target, "HorizontalPodAutoscaler", "reward-api")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "reward-api" and "replicas" not in public["spec"]
+    assert selects(
+        find(target, "PodDisruptionBudget", "reward-api")["spec"]["selector"]["matchLabels"], pods["reward-api"]
+    )
+    assert effective_config(target, "orchestrator").peers.reward.startswith("dns:///reward-pods:")

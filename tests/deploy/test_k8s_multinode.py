@@ -73,6 +73,9 @@ def test_every_rank_runs_torchrun_with_the_same_group():
         (c,) = pod_spec(workload)["containers"]
         assert int(opts["nproc_per_node"]) == c["resources"]["limits"]["nvidia.com/gpu"]
     assert command0 == command  # the same program and config on every rank
+    # ... from the same image: the workers, added by this overlay, get the gpu overlay's tag too (not `latest`).
+    images = {pod_spec(w)["containers"][0]["image"] for w in (rank0, workers)}
+    assert images == {"rlhf-model:0.1.0"}, images
 
 
 def test_torchrun_runs_the_trainer_with_its_config_from_the_configmap(tmp_path):
