@@ -121,6 +121,8 @@ format: $(VENV_STAMP)
 KUBECTL ?= $(shell command -v kubectl 2>/dev/null || echo .venv/bin/kubectl)
 DEPLOY_DIR ?= deploy/k8s/overlays/$(OVERLAY)
 TOKEN_ROLES := generation reward reference trainer orchestrator
+# Another name: a Secret of yours (components/token-secret), created here only if absent.
+TOKEN_SECRET ?= rlhf-tokens
 deploy:
 	@set -euo pipefail; \
 	command -v $(KUBECTL) >/dev/null 2>&1 || { echo "make deploy needs kubectl: on PATH, or KUBECTL=/path/to/kubectl" >&2; exit 2; }; \
@@ -130,15 +132,15 @@ deploy:
 	ns=$$(awk '/^  name: / { print $$2; exit }' "$$work/namespace.yaml"); \
 	[ -n "$$ns" ] || { echo "$(DEPLOY_DIR) builds no Namespace" >&2; exit 2; }; \
 	$(KUBECTL) apply -f "$$work/namespace.yaml"; \
-	if [ -n "$$($(KUBECTL) -n "$$ns" get secret rlhf-tokens --ignore-not-found -o name)" ]; then \
-		echo "secret rlhf-tokens exists in namespace $$ns: kept"; \
+	if [ -n "$$($(KUBECTL) -n "$$ns" get secret $(TOKEN_SECRET) --ignore-not-found -o name)" ]; then \
+		echo "secret $(TOKEN_SECRET) exists in namespace $$ns: kept"; \
 	else \
 		mkdir "$$work/tokens"; \
 		for role in $(TOKEN_ROLES); do \
 			od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$$work/tokens/$$role"; \
 		done; \
-		$(KUBECTL) -n "$$ns" create secret generic rlhf-tokens --from-file="$$work/tokens"; \
-		$(KUBECTL) -n "$$ns" label secret rlhf-tokens app.kubernetes.io/part-of=rlhf; \
+		$(KUBECTL) -n "$$ns" create secret generic $(TOKEN_SECRET) --from-file="$$work/tokens"; \
+		$(KUBECTL) -n "$$ns" label secret $(TOKEN_SECRET) app.kubernetes.io/part-of=rlhf; \
 	fi; \
 	$(KUBECTL) apply -f "$$work/built.yaml"
 

@@ -910,6 +910,15 @@ def test_make_deploy_applies_a_directory_of_yours_into_its_own_namespace(tmp_pat
     assert applied[0]["kind"] == "Namespace" and applied[0]["metadata"]["name"] == "ml-rlhf"
 
 
+def test_make_deploy_creates_a_token_secret_of_another_name(tmp_path):
+    """TOKEN_SECRET: the name components/token-secret makes the pods mount."""
+    make_deploy(tmp_path, "OVERLAY=cpu", "TOKEN_SECRET=team-tokens")
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert any(call.startswith("-n rlhf get secret team-tokens") for call in calls)
+    assert any(call.startswith("-n rlhf create secret generic team-tokens") for call in calls)
+    assert not any("rlhf-tokens" in call for call in calls)
+
+
 def test_make_deploy_without_kubectl_says_what_it_needs(tmp_path):
     result = subprocess.run(
         ["make", "-s", "-o", ".venv/.installed", "deploy", f"KUBECTL={tmp_path / 'missing'}"],

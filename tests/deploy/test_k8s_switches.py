@@ -83,3 +83,68 @@ def _orchestrator(target: str) -> dict:
         o for o in objects(target) if o["kind"] == "Deployment" and o["metadata"]["name"] == "orchestrator"
     ]
     return deployment
+
+
+EXISTING = {"models": "team-models", "data": "team-prompts", "checkpoints": "team-checkpoints", "runs": "team-runs"}
+VOLUME_OF_CLAIM = {
+    "models": "models",
+    "data": "data",
+    "trainer-checkpoints": "checkpoints",
+    "orchestrator-runs": "runs",
+}
+
+
+@pytest.fixture(scope="module")
+def yours(tree) -> str:
+    """The gpu set-up with TLS and the public reward API, on claims and Secrets of an operator's: the base's claims
+    left out (components/existing-claims), the tokens and the certificate from Secrets of other names."""
+    overlay = tree / "overlays" / "yours"
+    overlay.mkdir()
+    values = yaml.safe_load((K8S / "overlays" / "gpu" / "values.yaml").read_text())
+    storage = values["spec"]["storage"]
+    values["spec"]["storage"] = {"existingClaims": EXISTING, "redis": storage["redis"]}
+    values["spec"]["secrets"] = {"tokens": "team-tokens", "tls": "team-tls"}
+    (overlay / "values.yaml").write_text(yaml.safe_dump(values))
+    # Components that add objects before those that change them (tls), then those that read the values.
+    components = [
+        "gpu",
+        "public-reward-api",
+        "tls",
+        "scheduling",
+        "existing-claims",
+        "token-secret",
+        "tls-secret",
+        "values",
+    ]
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": ["../../base", "values.yaml"],
+        "components": [f"../../components/{c}" for c in components],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return str(overlay)
+
+
+def test_claims_and_secrets_of_yours_replace_the_bases(yours, tmp_path):
+    import jsonschema
+
+    jsonschema.validate(
+        yaml.safe_load((Path(yours) / "values.yaml").read_text()),
+        yaml.safe_load((K8S / "values.schema.json").read_text()),
+    )
+    validated(yours, tmp_path)
+    built = objects(yours)
+    assert not [o for o in built if o["kind"] == "PersistentVolumeClaim"]  # the base's four are left out
+    mounts = {"tokens": set(), "tls": set(), **{v: set() for v in EXISTING}}
+    for workload in (o for o in built if o["kind"] in ("Deployment", "StatefulSet", "Job")):
+        for volume in pod_spec(workload).get("volumes", []):
+            if volume["name"] in EXISTING:
+                mounts[volume["name"]].add(volume["persistentVolumeClaim"]["claimName"])
+            elif volume["name"] in ("tokens", "tls"):
+                mounts[volume["name"]].add(volume["secret"]["secretName"])
+    assert mounts == {**{k: {v} for k, v in EXISTING.items()}, "tokens": {"team-tokens"}, "tls": {"team-tls"}}
+    (monitor,) = [o for o in built if o["kind"] == "ServiceMonitor"]
+    for endpoint in monitor["spec"]["endpoints"]:
+        tls = endpoint["tlsConfig"]
+        assert tls["ca"]["secret"]["name"] == tls["cert"]["secret"]["name"] == tls["keySecret"]["name"] == "team-tls"
