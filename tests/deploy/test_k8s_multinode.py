@@ -137,6 +137,13 @@ def test_every_rank_mounts_the_shared_checkpoints_and_the_same_config_and_token(
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert mounts["Deployment"] == mounts["StatefulSet"]
+    # The values' trainer settings reach every rank: the same resources (GPUs included), node selector, tolerations.
+    rank0, workers = (
+        pod_spec(find(TARGET, k, n)) for k, n in (("Deployment", "trainer"), ("StatefulSet", "trainer-workers"))
+    )
+    assert rank0["containers"][0]["resources"] == workers["containers"][0]["resources"]
+    for field in ("nodeSelector", "tolerations"):
+        assert rank0[field] == workers[field], field
 
 
 def test_the_ranks_admit_each_other_and_nobody_new():

@@ -25,7 +25,8 @@ CLAIMS = {"models": "models", "data": "data", "checkpoints": "trainer-checkpoint
 
 
 def test_there_are_the_shipped_values_files():
-    assert {str(p.parent.relative_to(K8S)) for p in VALUES_FILES} == {"overlays/cpu", "overlays/gpu", EXAMPLE}
+    expected = {"overlays/cpu", "overlays/gpu", "overlays/trainer-multinode", EXAMPLE}
+    assert {str(p.parent.relative_to(K8S)) for p in VALUES_FILES} == expected
 
 
 @pytest.mark.parametrize("path", VALUES_FILES, ids=lambda p: str(p.parent.relative_to(K8S)))
