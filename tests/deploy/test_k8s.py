@@ -853,19 +853,26 @@ esac
 
 
 def make_deploy(state: Path, *assignments: str) -> str:
-    """``make deploy`` with only the stand-in kubectl: PATH holds no venv, and the venv is never built (``-o``)."""
+    """``make deploy`` with only the stand-in kubectl, in a checkout without a Python environment: the Makefile and
+    deploy/ copied to a directory of their own (no .venv, nothing installed), PATH without any venv."""
     kubectl = state / "kubectl"
     kubectl.write_text(FAKE_KUBECTL)
     kubectl.chmod(0o755)
+    checkout = state / "checkout"
+    if not checkout.exists():
+        checkout.mkdir()
+        shutil.copy(REPO / "Makefile", checkout / "Makefile")
+        shutil.copytree(REPO / "deploy", checkout / "deploy")
     result = subprocess.run(
-        ["make", "-s", "-o", ".venv/.installed", "deploy", f"KUBECTL={kubectl}", *assignments],
-        cwd=REPO,
+        ["make", "-s", "deploy", f"KUBECTL={kubectl}", *assignments],
+        cwd=checkout,
         env={"PATH": "/usr/bin:/bin", "STATE": str(state), "REAL_KUBECTL": str(BIN / "kubectl")},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert not (checkout / ".venv").exists()  # nothing was installed on the way
     return result.stdout + result.stderr
 
 
@@ -920,9 +927,10 @@ def test_make_deploy_creates_a_token_secret_of_another_name(tmp_path):
 
 
 def test_make_deploy_without_kubectl_says_what_it_needs(tmp_path):
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
     result = subprocess.run(
-        ["make", "-s", "-o", ".venv/.installed", "deploy", f"KUBECTL={tmp_path / 'missing'}"],
-        cwd=REPO,
+        ["make", "-s", "deploy", f"KUBECTL={tmp_path / 'missing'}"],
+        cwd=tmp_path,
         env={"PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
