@@ -331,6 +331,7 @@ class TrainerBackend:
             "value_clip_fraction": update["value_clip_fraction"],
             "shaped_score_mean": float(scores.mean()),
             "skipped_minibatches": update["skipped_minibatches"],
+            "applied_fraction": update["applied_fraction"],
             "staleness": float(staleness),
         }
         if old_values is not None:
@@ -596,6 +597,8 @@ class TrainerBackend:
         tokens_seen = 0.0
         norms: dict[str, list[float]] = {"policy": [], "critic": []}
         skipped = 0
+        applied = planned = 0  # minibatches stepped, of ppo_epochs x the batch's minibatches
+        stopped = False  # by target_kl
         # Several ranks: each rank's gradient is its rows' part of the minibatch's token-mean loss, and FSDP's
         # reduce-scatter averages over the ranks, so each part is scaled by the rank count to make that a sum.
         ranks = self.ranks.world_size if self.ranks is not None else 1
@@ -603,11 +606,15 @@ class TrainerBackend:
         for _ in range(ppo.ppo_epochs):
             order = torch.randperm(batch_size, generator=generator).to(self.device)
             for minibatch in order.split(ppo.minibatch_size):
+                planned += 1
+                if stopped:
+                    continue
                 if first_pass is not None:  # the whole batch (this rank's share), as the first pass ran it
                     calls = [(all_rows, True)] if self.ranks is None else self._micro_batches(padded, all_rows)
                 else:
                     calls = self._micro_batches(padded, minibatch)
                 minibatch_tokens = float(padded.response_mask[minibatch].sum())
+                minibatch_kl = 0.0  # this rank's token-weighted approx_kl sum over the minibatch
                 for optimizer in self._optimizers.values():
                     optimizer.zero_grad(set_to_none=True)
                 for rows, counts in calls:
@@ -649,6 +656,7 @@ class TrainerBackend:
                         sums["entropy"] += float(entropy_sum)
                         sums["clip_fraction"] += float(clip_fraction) * micro_tokens
                         sums["approx_kl"] += float(approx_kl) * micro_tokens
+                        minibatch_kl += float(approx_kl) * micro_tokens
                         if value_sum is not None:
                             _, value_clip = rl_math.value_loss(outputs.values, old_v, ret, mask, ppo.clip_range_value)
                             sums["value_loss"] += float(value_sum)
@@ -658,6 +666,20 @@ class TrainerBackend:
                         tokens_seen += micro_tokens
                     del outputs
                 first_pass = None  # its graph is spent
+                if ppo.target_kl is not None:
+                    # The whole minibatch's approx_kl (every rank's rows: a collective, made by every rank in step).
+                    kl_total = self.ranks.sum_floats([minibatch_kl])[0] if self.ranks is not None else minibatch_kl
+                    if kl_total / max(minibatch_tokens, 1.0) > 1.5 * ppo.target_kl:
+                        log.info(
+                            "step %d: approx_kl %.4f > 1.5 x target_kl %g: the update stops after %d of %d minibatches",
+                            self.step,
+                            kl_total / max(minibatch_tokens, 1.0),
+                            ppo.target_kl,
+                            applied,
+                            planned - 1,
+                        )
+                        stopped = True
+                        continue
 
                 # The norms are of the whole gradients (over every rank's shard), the same on every rank.
                 policy_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), ppo.max_grad_norm)
@@ -672,6 +694,7 @@ class TrainerBackend:
                     continue
                 for optimizer in self._optimizers.values():
                     optimizer.step()
+                applied += 1
         for optimizer in self._optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         if self.ranks is not None:  # each rank summed its own rows
@@ -681,6 +704,7 @@ class TrainerBackend:
         stats["grad_norm"] = sum(norms["policy"]) / len(norms["policy"])
         stats["critic_grad_norm"] = sum(norms["critic"]) / len(norms["critic"]) if norms["critic"] else 0.0
         stats["skipped_minibatches"] = float(skipped)
+        stats["applied_fraction"] = applied / max(planned, 1)
         return stats
 
     # ------------------------------------------------------------------------------------------------------------

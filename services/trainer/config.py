@@ -72,6 +72,13 @@ class PPOConfig(StrictModel):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (policy and critic)")
     ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
+    target_kl: float | None = Field(
+        None,
+        gt=0,
+        description="early stop of an update: once a minibatch's approx_kl (per token, k2: mean of "
+        "0.5 (log pi - log pi_old)^2) exceeds 1.5 x target_kl, that minibatch and every later one of the step are not "
+        "applied (OpenAI baselines, Stable-Baselines3); none = every minibatch of every epoch",
+    )
     minibatch_size: int = Field(8, gt=0, description="sequences per optimizer step")
     micro_batch_size: int = Field(
         8, gt=0, description="sequences per forward/backward; gradients are accumulated over a minibatch"

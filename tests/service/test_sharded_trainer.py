@@ -45,6 +45,13 @@ def _cases(policy_dir: Path, tied_dir: Path, reward_dir: Path, work: Path) -> li
         ("lora", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, gae_critic, [5, 5]),
         ("lora_bf16", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, gae_critic, [5]),
         ("fused", {"ppo_epochs": 2, "minibatch_size": 4, "micro_batch_size": 2}, gae_critic, [4]),
+        # target_kl: every rank stops at the same minibatch (the approx_kl of the whole minibatch, summed over ranks).
+        (
+            "early_stop",
+            {"ppo_epochs": 3, "minibatch_size": 2, "micro_batch_size": 1, "target_kl": 1e-9},
+            gae_critic,
+            [5],
+        ),
         (
             "grpo",
             {
@@ -144,10 +151,12 @@ def _one_process(case: dict, load: Path | None = None) -> tuple[TrainerBackend, 
     return backend, stats
 
 
-@pytest.mark.parametrize("name", ["uneven", "fused", "grpo", "tied", "bf16", "lora", "lora_bf16"])
+@pytest.mark.parametrize("name", ["uneven", "fused", "grpo", "tied", "bf16", "lora", "lora_bf16", "early_stop"])
 def test_two_ranks_train_as_one_process(two_ranks, name):
     cases, out = two_ranks
     backend, expected = _one_process(cases[name])
+    if name == "early_stop":  # 3 minibatches x 3 epochs: the first applied, the second past the target
+        assert [s["extra"]["applied_fraction"] for s in expected] == [pytest.approx(1 / 9)]
     _assert_same_run(out / name, backend, expected, cases[name])
 
 

@@ -34,7 +34,9 @@ def test_rollouts_generate_the_whole_batch_with_each_replica_count(tiny_policy_d
     for row in rows:
         assert row["samples"] == 8  # split across the replicas, every prompt once
         assert 8 <= row["tokens"] <= 8 * 4
-        assert row["seconds"] > 0 and row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and row["replica_cores"] > 0
+        assert row["seconds"] > 0 and row["samples_per_s"] > 0 and row["tokens_per_s"] > 0
+        # CPU time is counted in clock ticks (10 ms): a run this small may count none (seen once under load).
+        assert row["replica_cores"] >= 0
         assert row["efficiency"] == pytest.approx(row["tokens_per_s"] / (row["replicas"] * rows[0]["tokens_per_s"]))
     assert rows[0]["efficiency"] == 1.0
 

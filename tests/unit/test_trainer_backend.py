@@ -282,6 +282,35 @@ def test_micro_batching_gives_the_same_update(tiny_policy_dir, tiny_reward_dir):
     _assert_same_parameters(whole.critic, split.critic, rtol=0, atol=1e-6)
 
 
+def test_target_kl_stops_the_update_once_a_minibatch_drifts_too_far(tiny_policy_dir):
+    """ppo.target_kl: a minibatch whose approx_kl passes 1.5 x target_kl is not applied, nor any after it. A target
+    no minibatch reaches changes nothing; a tiny one lets only the first minibatch through (the policy has not moved
+    yet, so its approx_kl is 0), and the step reports the fraction it applied."""
+    common = {"learning_rate": 1e-3, "ppo_epochs": 4, "minibatch_size": 2, "micro_batch_size": 2}
+    full = _backend(tiny_policy_dir, **common)
+    batch = _ragged_batch(full.policy, size=6, seed=3)
+    initial = {n: p.detach().clone() for n, p in full.policy.named_parameters()}
+    full_stats = full.train_step(batch)
+    assert full_stats.extra["applied_fraction"] == 1.0
+
+    loose = _backend(tiny_policy_dir, target_kl=1e6, **common)
+    loose_stats = loose.train_step(batch)
+    assert loose_stats.extra["applied_fraction"] == 1.0 and loose_stats.approx_kl == full_stats.approx_kl
+    _assert_same_parameters(full.policy, loose.policy, rtol=0, atol=0)
+
+    tight = _backend(tiny_policy_dir, target_kl=1e-9, **common)
+    tight_stats = tight.train_step(batch)
+    assert tight_stats.extra["applied_fraction"] == pytest.approx(1 / 12)  # 3 minibatches x 4 epochs, 1 applied
+    moved = [n for n, p in tight.policy.named_parameters() if not torch.equal(p.detach(), initial[n])]
+    assert moved, "the first minibatch was applied"
+    assert any(not torch.equal(p, q) for p, q in zip(tight.policy.parameters(), full.policy.parameters(), strict=True))
+
+
+def test_target_kl_must_be_positive():
+    with pytest.raises(ValueError):
+        PPOConfig(target_kl=0)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------
