@@ -78,6 +78,9 @@ class PPOStage(StrictModel):
             "minibatch_size": 16,
             "micro_batch_size": 16,
             "kl": {"mode": "adaptive", "init_coef": 0.2, "target": 4.0, "horizon": 256},
+            # The update stops at a minibatch whose approx_kl passes 0.075 (per token): without it one seed's step
+            # moved 3.5 and the policy diverged (README, "Results over seeds"); healthy steps move 0.001-0.01.
+            "target_kl": 0.05,
         },
         description="the trainer's ppo section (services.trainer.config.PPOConfig)",
     )
