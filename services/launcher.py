@@ -161,12 +161,15 @@ def start_stack(
     orchestrator: dict | None = None,
     root: Path | None = None,
     trainer_ranks: int = 1,
+    reward_replicas: int = 1,
 ) -> tuple[dict[str, ServiceProcess], str]:
     """Starts the four services (configs by role; see ``secure_configs``), waits until each serves, then the
     orchestrator pointed at them.
 
-    ``trainer_ranks`` > 1 runs the trainer under torchrun, sharded over that many ranks. Returns the service
-    processes by role and the control API's URL. Unless ``orchestrator`` names a store, runs
+    ``trainer_ranks`` > 1 runs the trainer under torchrun, sharded over that many ranks. ``reward_replicas`` > 1
+    starts that many reward processes (``reward``, ``reward-2``...), which the orchestrator reaches through one
+    target naming every address (``ipv4:a,b``: what a headless Service's DNS name resolves to) and balances over.
+    Returns the service processes by role and the control API's URL. Unless ``orchestrator`` names a store, runs
     are kept in an embedded store in the launcher's work directory. The control API listens on loopback and
     checks no token unless ``orchestrator`` gives one; the datasets and run directories its requests name must lie
     under ``root`` (default: the directory above the launcher's work directory).
@@ -176,11 +179,15 @@ def start_stack(
         name: launcher.start(name, ["serve", name], cfg, ranks=trainer_ranks if name == "trainer" else 1)
         for name, cfg in configs.items()
     }
+    for replica in range(2, reward_replicas + 1):
+        services[f"reward-{replica}"] = launcher.start(f"reward-{replica}", ["serve", "reward"], configs["reward"])
     for service in services.values():
         service.wait_ready(180)
+    rewards = [services["reward"], *(services[f"reward-{r}"] for r in range(2, reward_replicas + 1))]
     peers = {
         "generation": [services["generation"].address],
-        **{role: services[role].address for role in ("reward", "reference", "trainer")},
+        **{role: services[role].address for role in ("reference", "trainer")},
+        "reward": rewards[0].address if reward_replicas == 1 else "ipv4:" + ",".join(r.address for r in rewards),
     }
     store = {"url": f"sqlite:///{(launcher.work_dir / 'state.sqlite3').resolve()}"}
     root = str(Path(root or launcher.work_dir.parent).resolve())
