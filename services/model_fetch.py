@@ -32,17 +32,17 @@ import posixpath
 import re
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from shared.paths import REPLACED_SUFFIX, replace_directory
 
 log = logging.getLogger(__name__)
 
 MARKER = ".rlhf-source.json"
 HUB_SCHEME = "hf://"
 STAGING_SUFFIX = ".tmp"  # .<name>.<random>.tmp: the files being fetched
-OLD_SUFFIX = ".old"  # .<name>.<random>.old: the model being replaced, for the instant between two renames
 # Weights in formats the services never load: not fetched (matched against paths inside the source, as the hub does).
 SKIPPED_PATTERNS = (
     "*.bin",
@@ -196,22 +196,18 @@ def verify_model_dir(directory: Path, what: str) -> None:
 
 
 def _check_safetensors(path: Path, what: str) -> None:
-    """A safetensors file is an 8-byte little-endian header length, the JSON header, then the tensors' bytes up to
-    the largest ``data_offsets`` end: its size is exactly their sum."""
+    """The safetensors library opens the file only if its header parses and the tensors' bytes cover the file
+    exactly: a cut-off or padded file is refused (it reads the header alone, not the weights)."""
+    from safetensors import SafetensorError, safe_open
+
     size = path.stat().st_size
-    with path.open("rb") as file:
-        head = file.read(8)
-        header_length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if header_length < 0 or 8 + header_length > size:
-            raise FetchError(f"{what}: {path.name} is cut off ({size} bytes, not even its header)")
-        try:
-            header = json.loads(file.read(header_length))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-            raise FetchError(f"{what}: {path.name} is not a safetensors file ({exc})") from None
-    expected = 8 + header_length + end
-    if size != expected:
-        raise FetchError(f"{what}: {path.name} is {size} bytes where its header says {expected}: incomplete")
+    if size < 8:
+        raise FetchError(f"{what}: {path.name} is cut off ({size} bytes, not even its header)")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as exc:
+        raise FetchError(f"{what}: {path.name} ({size} bytes) is incomplete or not a safetensors file: {exc}") from None
 
 
 def _download_from_hub(source: Source, staging: Path, token: str | None) -> None:
@@ -291,27 +287,17 @@ def _copy_files(source: Source, staging: Path) -> None:
 
 
 def _put_in_place(staging: Path, dest: Path) -> None:
-    """Renames ``staging`` to ``dest``. A model already there is renamed aside first and removed after: for the
-    instant between the two renames ``dest`` is absent (a service starting then exits and is restarted), never
-    half there."""
-    old = None
+    """``staging`` in place of ``dest`` (shared.paths.replace_directory): a model already there is renamed aside
+    first and removed after, so for the instant between the two renames ``dest`` is absent (a service starting then
+    exits and is restarted), never half there."""
     if dest.exists() or dest.is_symlink():
-        old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{OLD_SUFFIX}")
-        dest.rename(old)
-        log.info("replacing the model in %s (%s)", dest, (_read_marker(old) or {}).get("source", "no marker"))
-    try:
-        staging.rename(dest)
-    except OSError:
-        if old is not None:
-            old.rename(dest)
-        raise
-    if old is not None:
-        _remove(old)
+        log.info("replacing the model in %s (%s)", dest, (_read_marker(dest) or {}).get("source", "no marker"))
+    replace_directory(staging, dest)
 
 
 def _remove_leftovers(dest: Path) -> None:
     """The staging directories (and replaced models) of a fetch into ``dest`` that was killed."""
-    for suffix in (STAGING_SUFFIX, OLD_SUFFIX):
+    for suffix in (STAGING_SUFFIX, REPLACED_SUFFIX):
         for leftover in dest.parent.glob(f".{glob.escape(dest.name)}.*{suffix}"):
             log.warning("removing %s, left by an interrupted fetch", leftover)
             _remove(leftover)

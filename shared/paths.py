@@ -4,6 +4,9 @@ written."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from pathlib import Path, PurePosixPath
 
 from shared.errors import InvalidInput
@@ -27,3 +30,34 @@ def confine(root: str | Path, given: str, field: str) -> Path:
     if not full.is_relative_to(base):
         raise InvalidInput(field, f"{given!r} is not under the configured root {str(base)!r}")
     return full
+
+
+REPLACED_SUFFIX = ".old"  # .<name>.<random>.old: what replace_directory moved aside, for the instant of the swap
+
+
+def replace_directory(staging: Path, directory: Path) -> None:
+    """Puts the complete directory ``staging`` (a sibling of ``directory``) in its place: a reader sees the old
+    contents or the new, never a mix. What was there is renamed aside first and removed after; if the second rename
+    fails it is put back. Both renames are made durable (fsync of the parent)."""
+    old = None
+    if directory.exists() or directory.is_symlink():
+        old = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}{REPLACED_SUFFIX}")
+        directory.rename(old)
+    try:
+        staging.rename(directory)
+    except OSError:
+        if old is not None:
+            old.rename(directory)
+        raise
+    fsync(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync(path: Path) -> None:
+    """Flushes a file's or a directory's contents (a directory: its entries, so a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

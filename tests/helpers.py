@@ -42,3 +42,34 @@ def sampled_rollout(model, seed: int = 0):
         reference_logprobs=logprobs,
         generation_logprobs=[lp.clone() for lp in logprobs],
     )
+
+
+# The rule-based reward the in-process loops score with (no reward model to load).
+REWARD = {"function": "services.reward.functions:positive_word_share"}
+
+
+def tiny_inprocess_clients(policy_dir):
+    """The orchestrator's clients over in-process backends on ``policy_dir``: generation, the rule-based reward,
+    reference, and a trainer without a critic, one epoch of minibatches of 4."""
+    from services.generation.backend import GenerationBackend
+    from services.generation.config import GenerationConfig
+    from services.orchestrator.inprocess import inprocess_clients
+    from services.reference.backend import ReferenceBackend
+    from services.reference.config import ReferenceConfig
+    from services.reward.backend import load_backend
+    from services.reward.config import RewardConfig
+    from services.trainer.backend import TrainerBackend
+    from services.trainer.config import CriticConfig, PPOConfig
+    from shared.modeling import ModelConfig
+
+    model = {"model": {"path": str(policy_dir)}}
+    return inprocess_clients(
+        GenerationBackend(GenerationConfig.model_validate(model)),
+        load_backend(RewardConfig.model_validate(REWARD)),
+        ReferenceBackend(ReferenceConfig.model_validate(model)),
+        TrainerBackend(
+            ModelConfig(path=str(policy_dir)),
+            CriticConfig(),
+            PPOConfig(ppo_epochs=1, minibatch_size=4, micro_batch_size=4),
+        ),
+    )

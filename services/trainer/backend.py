@@ -29,7 +29,6 @@ from services.trainer.checkpoint import (
     MANIFEST,
     check_manifest,
     join_optimizer_state,
-    replace_directory,
     split_optimizer_state,
     write_manifest,
 )
@@ -59,6 +58,7 @@ from services.trainer.steps import StepLedger
 from shared import rl_math
 from shared.lora import adapter_state, load_adapter_state
 from shared.modeling import ModelConfig, load_tokenizer, resolve_device
+from shared.paths import replace_directory
 from shared.rl_math import AdvantageEstimator
 from shared.sequences import accepts_logits_to_keep
 from shared.types import RolloutBatch, TrainStats

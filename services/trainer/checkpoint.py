@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 import uuid
@@ -14,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from shared.paths import fsync
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +46,6 @@ def join_optimizer_state(meta: dict, prefix: str, tensors: dict[str, torch.Tenso
     return {"state": state, "param_groups": groups}
 
 
-def replace_directory(staging: Path, directory: Path) -> None:
-    """Puts ``staging`` in place of ``directory``: readers see the old or the new checkpoint, never a partial one."""
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-        directory.rename(old)
-    staging.rename(directory)
-    _fsync(directory.parent)  # the rename itself is durable
-    if old is not None:
-        shutil.rmtree(old)
-
-
 MANIFEST = "manifest.json"  # written last into a staged checkpoint: every file with its size
 
 
@@ -70,7 +59,7 @@ def write_manifest(staging: Path) -> None:
     }
     (staging / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
     for path in [*sorted(staging.rglob("*")), staging]:
-        _fsync(path)
+        fsync(path)
 
 
 def check_manifest(directory: Path) -> None:
@@ -85,14 +74,6 @@ def check_manifest(directory: Path) -> None:
         if not path.is_file() or path.stat().st_size != size:
             actual = path.stat().st_size if path.is_file() else "missing"
             raise ValueError(f"{directory}: {name} is {actual}, the manifest says {size} bytes")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointRoot:

@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.config import StrictModel
+from shared.paths import replace_directory
 from shared.sequences import pad_prompt_response, response_logprobs_padded
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,6 @@ def save_atomically(
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
-    old = None
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is read by other users and services
         model.save_pretrained(staging, safe_serialization=True)
@@ -93,16 +92,9 @@ def save_atomically(
         for name, content in (extra_files or {}).items():
             text = content if isinstance(content, str) else json.dumps(content, indent=2)
             (staging / name).write_text(text, encoding="utf-8")
-        if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            output_dir.rename(old)
-        staging.rename(output_dir)
+        replace_directory(staging, output_dir)  # a failed swap puts the previous checkpoint back
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if old is not None and not output_dir.exists():
-            old.rename(output_dir)  # the swap failed half-way: put the previous checkpoint back
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint written to %s", output_dir)
     return output_dir

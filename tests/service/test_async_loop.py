@@ -11,21 +11,11 @@ import json
 import pytest
 import torch
 
-from services.generation.backend import GenerationBackend
-from services.generation.config import GenerationConfig
 from services.orchestrator.config import RunConfig
-from services.orchestrator.inprocess import inprocess_clients
 from services.orchestrator.loop import RLHFLoop, iteration_seed
-from services.reference.backend import ReferenceBackend
-from services.reference.config import ReferenceConfig
-from services.reward.backend import load_backend
-from services.reward.config import RewardConfig
-from services.trainer.backend import TrainerBackend
-from services.trainer.config import CriticConfig, PPOConfig
-from shared.modeling import ModelConfig
 from shared.store import StoreConfig, open_store
+from tests.helpers import tiny_inprocess_clients
 
-REWARD = {"function": "services.reward.functions:positive_word_share"}
 TIMINGS = ("phase_seconds", "wall_seconds")
 
 
@@ -40,17 +30,7 @@ def dataset(tmp_path):
 @pytest.fixture
 def make_clients(tiny_policy_dir):
     def factory():
-        model = {"model": {"path": str(tiny_policy_dir)}}
-        return inprocess_clients(
-            GenerationBackend(GenerationConfig.model_validate(model)),
-            load_backend(RewardConfig.model_validate(REWARD)),
-            ReferenceBackend(ReferenceConfig.model_validate(model)),
-            TrainerBackend(
-                ModelConfig(path=str(tiny_policy_dir)),
-                CriticConfig(),
-                PPOConfig(ppo_epochs=1, minibatch_size=4, micro_batch_size=4),
-            ),
-        )
+        return tiny_inprocess_clients(tiny_policy_dir)
 
     return factory
 

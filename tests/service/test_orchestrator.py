@@ -18,21 +18,14 @@ from services.orchestrator.app import create_app
 from services.orchestrator.clients import GrpcGeneration, GrpcReward, Retrying
 from services.orchestrator.config import OrchestratorConfig, PeersConfig, RpcConfig, RunConfig
 from services.orchestrator.dataset import DatasetError, PromptCursor, load_prompts
-from services.orchestrator.inprocess import inprocess_clients
 from services.orchestrator.loop import RLHFLoop
-from services.reference.backend import ReferenceBackend
-from services.reference.config import ReferenceConfig
 from services.reward.backend import load_backend
 from services.reward.config import RewardConfig
 from services.reward.servicer import build_server as build_reward
-from services.trainer.backend import TrainerBackend
-from services.trainer.config import CriticConfig, PPOConfig
-from shared.modeling import ModelConfig
 from shared.store import open_store
 from shared.types import SamplingParams
+from tests.helpers import REWARD, tiny_inprocess_clients
 from tests.service.grpc_helpers import running
-
-REWARD = {"function": "services.reward.functions:positive_word_share"}
 
 
 @pytest.fixture
@@ -47,17 +40,7 @@ def clients_factory(policy_shape_dir):
     """In-process clients on the tiny policy, untied and tied."""
 
     def factory():
-        model = {"model": {"path": str(policy_shape_dir)}}
-        return inprocess_clients(
-            GenerationBackend(GenerationConfig.model_validate(model)),
-            load_backend(RewardConfig.model_validate(REWARD)),
-            ReferenceBackend(ReferenceConfig.model_validate(model)),
-            TrainerBackend(
-                ModelConfig(path=str(policy_shape_dir)),
-                CriticConfig(),
-                PPOConfig(ppo_epochs=1, minibatch_size=4, micro_batch_size=4),
-            ),
-        )
+        return tiny_inprocess_clients(policy_shape_dir)
 
     return factory
 

@@ -12,19 +12,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.generation.backend import GenerationBackend
-from services.generation.config import GenerationConfig
 from services.orchestrator.app import create_app
 from services.orchestrator.config import OrchestratorConfig
-from services.orchestrator.inprocess import inprocess_clients
-from services.reference.backend import ReferenceBackend
-from services.reference.config import ReferenceConfig
-from services.reward.backend import load_backend
-from services.reward.config import RewardConfig
-from services.trainer.backend import TrainerBackend
-from services.trainer.config import CriticConfig, PPOConfig
-from shared.modeling import ModelConfig
-from tests.service.test_orchestrator import REWARD, _until_done
+from tests.helpers import tiny_inprocess_clients
+from tests.service.test_orchestrator import _until_done
 
 STALL_LIMIT_S = 1.0
 
@@ -50,17 +41,7 @@ def gate():
 @pytest.fixture
 def gated_clients(tiny_policy_dir, gate):
     def factory():
-        model = {"model": {"path": str(tiny_policy_dir)}}
-        clients = inprocess_clients(
-            GenerationBackend(GenerationConfig.model_validate(model)),
-            load_backend(RewardConfig.model_validate(REWARD)),
-            ReferenceBackend(ReferenceConfig.model_validate(model)),
-            TrainerBackend(
-                ModelConfig(path=str(tiny_policy_dir)),
-                CriticConfig(),
-                PPOConfig(ppo_epochs=1, minibatch_size=4, micro_batch_size=4),
-            ),
-        )
+        clients = tiny_inprocess_clients(tiny_policy_dir)
         return dataclasses.replace(clients, reward=GatedReward(clients.reward, gate))
 
     return factory
